@@ -120,7 +120,9 @@ def evaluate_batches(
     model.train(train_mode)
     try:
         for x, y in to_device(batches, device):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
                 out = model(x)
                 loss = loss_fn(out, y)
             b = y.shape[0]

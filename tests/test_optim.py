@@ -499,7 +499,7 @@ def test_create_routes_options_and_rejects_unknown():
     assert opt.switch_step == 5
     with pytest.raises(UserError, match="takes no k"):
         optim.create("sam", model.parameters(), k=2, lr=0.1)
-    with pytest.raises(UserError, match="unknown optimizer 'nope'.*sgd, adam"):
+    with pytest.raises(UserError, match=r"unknown optimizer 'nope'.*sgd, adam"):
         optim.create("nope", model.parameters())
     with pytest.raises(UserError, match="unknown base optimizer"):
         optim.create("sam", model.parameters(), base="lbfgs")

@@ -87,10 +87,13 @@ def extra_pass(freeze_bn: bool = True, local: bool = False) -> Iterator[None]:
             if module.training and module.track_running_stats:
                 module.track_running_stats = False
                 touched.append((module, "track_running_stats"))
-        elif local and isinstance(module, nn.parallel.DistributedDataParallel):
-            if module.require_backward_grad_sync:
-                module.require_backward_grad_sync = False
-                touched.append((module, "require_backward_grad_sync"))
+        elif (
+            local
+            and isinstance(module, nn.parallel.DistributedDataParallel)
+            and module.require_backward_grad_sync
+        ):
+            module.require_backward_grad_sync = False
+            touched.append((module, "require_backward_grad_sync"))
 
     if not (freeze_bn or local):
         yield

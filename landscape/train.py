@@ -1,0 +1,448 @@
+"""Training: ``python -m landscape.train`` and :func:`train` from Python.
+
+Every epoch appends train/test loss and accuracy, learning rate and wall time to
+``<out>/run.h5`` and writes ``<out>/last.pt`` (atomically); ``--save-every N`` also keeps
+``epoch_NNN.pt`` for trajectory (PCA) plots. ``--resume`` continues from ``last.pt`` and
+ends with the same weights as an uninterrupted run. A NaN/inf loss stops the run, keeps
+the last good checkpoint and marks the run ``diverged``.
+
+Each step goes through ``optimizer.step(closure)``, so every optimizer of
+:mod:`landscape.optim` (the SAM family included) trains without special cases.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint, cli, optim
+from .data import Augment, Loader, dataset_names, load_dataset, train_loader
+from .models import create_model, model_names
+from .store import RunLog
+from .utils import UserError, correct_count, evaluate_batches
+
+RUN_FILE = "run.h5"
+LAST = "last.pt"
+# Settings that say where and how to run, not what to train: they may change on resume.
+RUNTIME = {"out", "resume", "overwrite", "device", "progress", "data_root", "eval_batch_size"}
+
+
+@dataclass
+class TrainConfig:
+    """Train a model on a dataset and log every epoch to HDF5 with checkpoints."""
+
+    # data
+    dataset: str = cli.arg("digits", help="dataset: " + ", ".join(dataset_names()))
+    data_root: str | None = cli.arg(
+        None, help="dataset cache directory (default: $LANDSCAPE_DATA or ~/.cache/landscape)"
+    )
+    subset: int | None = cli.arg(None, help="train on a fixed random subset of N training images")
+    label_noise: float = cli.arg(
+        0.0, help="fraction of training labels replaced by a random other class"
+    )
+    augment: str = cli.arg(
+        "auto",
+        choices=["auto", "none", "cifar"],
+        help="training augmentation; auto: crop+flip for CIFAR, none otherwise",
+    )
+    cutout: int = cli.arg(0, help="Cutout square side in pixels, 0 for none (CIFAR: 16)")
+    # model
+    model: str = cli.arg("simplecnn", help="model: " + ", ".join(model_names()))
+    model_kwargs: dict = cli.arg(
+        {}, help="extra model arguments as JSON, e.g. '{\"width\": 8}'", metavar="JSON"
+    )
+    # optimization
+    optimizer: str = cli.arg("sgd", help="optimizer: " + ", ".join(optim.optimizer_names()))
+    base: str = cli.arg(
+        "sgd", choices=list(optim.BASES), help="base optimizer wrapped by SAM-family methods"
+    )
+    lr: float = cli.arg(0.05, help="peak learning rate")
+    momentum: float = cli.arg(0.9, help="SGD momentum")
+    nesterov: bool = cli.arg(False, help="Nesterov momentum (SGD)")
+    betas: list[float] = cli.arg([0.9, 0.999], help="Adam/AdamW betas", metavar="B1,B2")
+    weight_decay: float = cli.arg(5e-4, help="weight decay (decoupled for AdamW)")
+    epochs: int = cli.arg(10, help="training epochs")
+    batch_size: int = cli.arg(64, help="training batch size")
+    drop_last: bool = cli.arg(False, help="drop the last incomplete training batch")
+    schedule: str = cli.arg(
+        "cosine", choices=["cosine", "multistep", "constant"], help="learning-rate schedule"
+    )
+    milestones: list[int] = cli.arg(
+        [], help="multistep: epochs where the lr drops (default: 50%% and 75%% of training)"
+    )
+    gamma: float = cli.arg(0.1, help="multistep: lr factor at each milestone")
+    warmup_epochs: float = cli.arg(0.0, help="linear warmup length in epochs (may be fractional)")
+    label_smoothing: float = cli.arg(0.0, help="label smoothing of the training loss")
+    grad_clip: float | None = cli.arg(None, help="clip the gradient's global L2 norm to this")
+    # runtime
+    device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    precision: str = cli.arg(
+        "auto", choices=["auto", "fp32", "bf16"], help="autocast precision; auto: bf16 on CUDA"
+    )
+    channels_last: bool = cli.arg(True, help="channels-last memory format on CUDA")
+    seed: int = cli.arg(0, help="seed of weights, data order, augmentation and label noise")
+    eval_batch_size: int = cli.arg(1024, help="batch size for evaluation")
+    out: str | None = cli.arg(
+        None, help="output directory (default: runs/<dataset>-<model>-<optimizer>-s<seed>)"
+    )
+    save_every: int = cli.arg(0, help="also keep epoch_NNN.pt every N epochs (0: only last.pt)")
+    resume: bool = cli.arg(False, help="continue the run in --out from its last.pt")
+    overwrite: bool = cli.arg(False, help="replace a run already in --out")
+    progress: bool = cli.arg(True, help="progress bars")
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` for settings that cannot work."""
+        for name in ("lr", "epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        checks = [
+            (
+                self.dataset in dataset_names(),
+                f"unknown dataset {self.dataset!r}; choose from " + ", ".join(dataset_names()),
+            ),
+            (
+                self.model in model_names(),
+                f"unknown model {self.model!r}; choose from " + ", ".join(model_names()),
+            ),
+            (
+                self.optimizer in optim.optimizer_names(),
+                f"unknown optimizer {self.optimizer!r}; "
+                "choose from " + ", ".join(optim.optimizer_names()),
+            ),
+            (0 <= self.label_noise < 1, "--label-noise must be in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+            (self.save_every >= 0, "--save-every must be >= 0"),
+            (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (len(self.betas) == 2, "--betas takes two numbers, e.g. 0.9,0.999"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def out_dir(self) -> Path:
+        default = f"runs/{self.dataset}-{self.model}-{self.optimizer}-s{self.seed}"
+        return Path(self.out or default)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def lr_lambda(
+    schedule: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+) -> Callable[[int], float]:
+    """The lr factor after ``step`` optimizer steps: linear warmup to 1, then cosine to 0,
+    step drops by ``gamma`` at ``milestones`` (in steps), or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+        if schedule == "multistep":
+            return gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return factor
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return device
+
+
+def base_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Hyperparameters for the base optimizer named by ``cfg`` (its own or the wrapped one)."""
+    base = cfg.optimizer if cfg.optimizer in optim.BASES else cfg.base
+    kw: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if base == "sgd":
+        kw.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    else:
+        kw.update(betas=tuple(cfg.betas))
+    return kw
+
+
+class Trainer:
+    """One training run; :meth:`fit` runs (or resumes) it to the end."""
+
+    def __init__(self, cfg: TrainConfig, explicit: set[str] | None = None):
+        cfg.validate()
+        self.out = cfg.out_dir
+        self.cfg = cfg = self._prepare_out_dir(cfg, explicit)
+        self.device = resolve_device(cfg.device)
+        self.autocast = (
+            torch.bfloat16
+            if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+            else None
+        )
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        torch.manual_seed(cfg.seed)
+
+        data = load_dataset(
+            cfg.dataset,
+            cfg.data_root,
+            subset=cfg.subset,
+            label_noise=cfg.label_noise,
+            seed=cfg.seed,
+        )
+        self.data_spec = data.spec
+        data = data.to(self.device)
+        augment = Augment.named(
+            data.augment if cfg.augment == "auto" else cfg.augment, cutout=cfg.cutout
+        )
+        self.train_batches = train_loader(
+            data, cfg.batch_size, augment=augment, drop_last=cfg.drop_last, seed=cfg.seed
+        )
+        self.test_batches = Loader(data.test_x, data.test_y, cfg.eval_batch_size)
+        if len(self.train_batches) == 0:
+            raise UserError(
+                f"--batch-size {cfg.batch_size} with --drop-last leaves no training batch"
+            )
+
+        self.model_spec = {
+            "name": cfg.model,
+            "kwargs": {
+                "num_classes": data.num_classes,
+                "in_channels": data.in_channels,
+                "image_size": data.image_size,
+                **cfg.model_kwargs,
+            },
+        }
+        self.model = create_model(cfg.model, **self.model_spec["kwargs"]).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = optim.create(
+            cfg.optimizer, self.model.parameters(), base=cfg.base, **base_kwargs(cfg)
+        )
+        steps = len(self.train_batches)
+        milestones = cfg.milestones or [cfg.epochs // 2, (3 * cfg.epochs) // 4]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_lambda(
+                cfg.schedule,
+                cfg.epochs * steps,
+                round(cfg.warmup_epochs * steps),
+                [m * steps for m in milestones],
+                cfg.gamma,
+            ),
+        )
+        self.train_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.eval_loss = nn.CrossEntropyLoss()
+        self.epoch = 0
+        self.log = RunLog(self.out / RUN_FILE)
+        if cfg.resume and (self.out / LAST).exists():
+            self._restore(checkpoint.read(self.out / LAST, map_location=self.device))
+        else:
+            self.log = RunLog.create(self.out / RUN_FILE, cli.to_dict(cfg))
+
+    def _prepare_out_dir(self, cfg: TrainConfig, explicit: set[str] | None) -> TrainConfig:
+        """Refuse to mix runs; with ``--resume``, adopt the stored config."""
+        last, run_file = self.out / LAST, self.out / RUN_FILE
+        exists = last.exists() or run_file.exists()
+        if exists and not (cfg.resume or cfg.overwrite):
+            raise UserError(
+                f"{self.out} already holds a run; pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
+        if cfg.overwrite:
+            for p in [last, run_file, *self.out.glob("epoch_*.pt")]:
+                p.unlink(missing_ok=True)
+        if not (cfg.resume and last.exists()):
+            self.out.mkdir(parents=True, exist_ok=True)
+            return cfg
+        stored = checkpoint.read(last)["config"] or {}
+        given = cli.to_dict(cfg)
+        check = explicit if explicit is not None else set(given)
+        differ = [k for k in sorted(check - RUNTIME) if k in stored and stored[k] != given[k]]
+        if differ:
+            raise UserError(
+                f"--resume continues {self.out} with its stored settings, but "
+                + ", ".join(
+                    f"{k} differs (stored {stored[k]!r}, given {given[k]!r})" for k in differ
+                )
+            )
+        merged = {**stored, **{k: given[k] for k in RUNTIME if explicit is None or k in explicit}}
+        merged["resume"] = True
+        return cli.from_dict(TrainConfig, merged)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        self.epoch = ckpt["epoch"]
+        self.log.truncate(self.epoch)
+
+    def _save(self, path: Path, metrics: dict[str, float]) -> None:
+        checkpoint.save(
+            path,
+            self.model,
+            model_spec=self.model_spec,
+            data=self.data_spec,
+            config=cli.to_dict(self.cfg),
+            epoch=self.epoch,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=checkpoint.rng_state(),
+            metrics=metrics,
+        )
+
+    def train_epoch(self, bar: tqdm | None = None) -> tuple[float, float]:
+        """One pass over the training data; returns (mean loss, accuracy) of the clean passes."""
+        model, opt = self.model, self.optimizer
+        model.train()
+        self.train_batches.set_epoch(self.epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        hits = torch.zeros((), dtype=torch.int64, device=self.device)
+        n = 0
+        check_every = max(1, len(self.train_batches) // 10)
+        for i, (x, y) in enumerate(self.train_batches):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            outputs: list[torch.Tensor] = []
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y, outputs: list = outputs):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(
+                    self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+                ):
+                    out = model(x)
+                    loss = self.train_loss(out, y)
+                loss.backward()
+                if self.cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+                outputs.append(out.detach())
+                return loss.detach()
+
+            loss = opt.step(closure)
+            self.scheduler.step()
+            b = y.shape[0]
+            loss_sum += loss.double() * b
+            hits += correct_count(outputs[0], y)
+            n += b
+            if bar is not None:
+                bar.update()
+            if (i + 1) % check_every == 0 or i + 1 == len(self.train_batches):
+                mean = (loss_sum / n).item()
+                if not math.isfinite(mean):
+                    raise Diverged(
+                        f"training loss is {mean} in epoch {self.epoch + 1}, step {i + 1}"
+                    )
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+        return (loss_sum / n).item(), hits.item() / n
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``cfg.epochs``; returns the last epoch's metrics."""
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        if self.epoch >= cfg.epochs:
+            tqdm.write(f"{self.out}: already trained for {self.epoch} epochs")
+            return metrics
+        steps = len(self.train_batches)
+        with tqdm(
+            total=cfg.epochs * steps,
+            initial=self.epoch * steps,
+            desc=f"{cfg.optimizer} {cfg.model} {cfg.dataset}",
+            unit="step",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        ) as bar:
+            while self.epoch < cfg.epochs:
+                start = time.perf_counter()
+                try:
+                    train_loss, train_acc = self.train_epoch(bar)
+                except Diverged as e:
+                    good = f"epoch {self.epoch} in {self.out / LAST}" if self.epoch else "none"
+                    message = f"{e}; last good checkpoint: {good}"
+                    self.log.set_status("diverged", message)
+                    raise Diverged(message) from None
+                test = evaluate_batches(
+                    self.model, self.eval_loss, self.test_batches, autocast_dtype=self.autocast
+                )
+                self.epoch += 1
+                metrics = {
+                    "train/loss": train_loss,
+                    "train/acc": train_acc,
+                    "test/loss": test.loss,
+                    "test/acc": test.acc,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "time_s": time.perf_counter() - start,
+                }
+                # Log first, then checkpoint: a kill in between redoes this epoch on resume.
+                self.log.append(self.epoch, metrics)
+                self._save(self.out / LAST, metrics)
+                if cfg.save_every and self.epoch % cfg.save_every == 0:
+                    shutil.copyfile(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")
+                if cfg.progress:
+                    tqdm.write(format_epoch(self.epoch, cfg.epochs, metrics), file=sys.stderr)
+        self.log.set_status("finished")
+        return metrics
+
+
+def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    return (
+        f"epoch {epoch:>{len(str(epochs))}}/{epochs}  "
+        f"train loss {m['train/loss']:.4f} acc {100 * m['train/acc']:5.1f}%  "
+        f"test loss {m['test/loss']:.4f} acc {100 * m['test/acc']:5.1f}%  "
+        f"lr {m['lr']:.3g}  {m['time_s']:.1f}s"
+    )
+
+
+def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
+    """Run (or with ``cfg.resume``, continue) a training run; returns its directory.
+
+    ``explicit``: the settings the user gave (CLI); on resume only those are checked
+    against the stored config. Raises :class:`Diverged` on a NaN/inf loss.
+    """
+    trainer = Trainer(cfg, explicit)
+    trainer.fit()
+    return trainer.out
+
+
+PROG = "python -m landscape.train"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    def run() -> int:
+        cfg, explicit = cli.parse(TrainConfig, argv, PROG)
+        try:
+            out = train(cfg, explicit)
+        except Diverged as e:
+            print(f"{PROG}: diverged: {e}", file=sys.stderr)
+            return 3
+        print(f"run saved in {out}/ ({RUN_FILE}, {LAST})", file=sys.stderr)
+        return 0
+
+    cli.run(run, PROG)
+
+
+if __name__ == "__main__":
+    main()
