@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = {
-    "demo": ("landscape.demo", "train on the embedded digits dataset and summarise"),
+    "demo": ("landscape.demo", "compare optimizers on the embedded digits dataset"),
     "train": ("landscape.train", "train a model; log every epoch to HDF5, checkpoint"),
 }
 

@@ -12,6 +12,7 @@ Each step goes through ``optimizer.step(closure)``, so every optimizer of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -26,10 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, cli, optim
-from .data import Augment, Loader, dataset_names, load_dataset, train_loader
+from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
 from .models import create_model, model_names
 from .store import RunLog
-from .utils import UserError, correct_count, evaluate_batches
+from .utils import UserError, evaluate_batches
 
 RUN_FILE = "run.h5"
 LAST = "last.pt"
@@ -45,6 +46,9 @@ class TrainConfig:
     dataset: str = cli.arg("digits", help="dataset: " + ", ".join(dataset_names()))
     data_root: str | None = cli.arg(
         None, help="dataset cache directory (default: $LANDSCAPE_DATA or ~/.cache/landscape)"
+    )
+    data_kwargs: dict = cli.arg(
+        {}, help="dataset options as JSON, e.g. '{\"n_train\": 4096}' (synthetic)", metavar="JSON"
     )
     subset: int | None = cli.arg(None, help="train on a fixed random subset of N training images")
     label_noise: float = cli.arg(
@@ -66,6 +70,33 @@ class TrainConfig:
     base: str = cli.arg(
         "sgd", choices=list(optim.BASES), help="base optimizer wrapped by SAM-family methods"
     )
+    # SAM family: None keeps the method's default (from its paper)
+    rho: float | None = cli.arg(
+        None, help="SAM-family radius (default: the method's; SAM 0.05, ASAM 0.5)"
+    )
+    eta: float | None = cli.arg(None, help="ASAM-style methods: T = |w| + eta (default 0.01)")
+    adaptive: bool | None = cli.arg(
+        None, help="sam, lastsam, lookbehind-sam...: use ASAM's adaptive perturbation"
+    )
+    asam_scope: str = cli.arg(
+        "all",
+        choices=["all", "weights"],
+        help="adaptive methods: scale every parameter, or only those named *weight* "
+        "(the official ASAM code)",
+    )
+    k: int | None = cli.arg(
+        None, help="lookbehind: ascent steps per step (2); looksam: SAM every k steps (5)"
+    )
+    alpha: float | None = cli.arg(
+        None,
+        help="lookbehind: slow-weight step, -1 adaptive (0.5); looksam: mixing (0.7); "
+        "gsam: surrogate-gap weight (0.3)",
+    )
+    sam_epochs: int | None = cli.arg(None, help="lastsam: use SAM for the last N epochs")
+    rho_min: float | None = cli.arg(None, help="gsam: radius at the end of the lr schedule (0)")
+    sigma: float | None = cli.arg(None, help="friendly-sam: weight of the full-gradient EMA (1)")
+    lmbda: float | None = cli.arg(None, help="friendly-sam: EMA decay (0.9)")
+    m: int | None = cli.arg(None, help="msam: samples per perturbation chunk (32)")
     lr: float = cli.arg(0.05, help="peak learning rate")
     momentum: float = cli.arg(0.9, help="SGD momentum")
     nesterov: bool = cli.arg(False, help="Nesterov momentum (SGD)")
@@ -98,7 +129,7 @@ class TrainConfig:
     save_every: int = cli.arg(0, help="also keep epoch_NNN.pt every N epochs (0: only last.pt)")
     resume: bool = cli.arg(False, help="continue the run in --out from its last.pt")
     overwrite: bool = cli.arg(False, help="replace a run already in --out")
-    progress: bool = cli.arg(True, help="progress bars")
+    progress: bool = cli.arg(True, help="show a progress bar (epoch summaries print regardless)")
 
     def validate(self) -> None:
         """Raise :class:`UserError` for settings that cannot work."""
@@ -131,6 +162,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if (self.optimizer == "lastsam") != (self.sam_epochs is not None):
+            raise UserError("--sam-epochs goes with --optimizer lastsam (and it needs it)")
+        if self.sam_epochs is not None and not 0 <= self.sam_epochs <= self.epochs:
+            raise UserError("--sam-epochs must be in [0, --epochs]")
+        probe = torch.zeros(1, requires_grad=True)  # builds the optimizer once to check options
+        optim.create(self.optimizer, [probe], base=self.base, **optimizer_kwargs(self, 1))
 
     @property
     def out_dir(self) -> Path:
@@ -177,14 +214,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def base_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Hyperparameters for the base optimizer named by ``cfg`` (its own or the wrapped one)."""
+SAM_OPTIONS = ("rho", "eta", "adaptive", "k", "alpha", "rho_min", "sigma", "lmbda", "m")
+
+
+def optimizer_kwargs(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
+    """Keyword arguments of ``optim.create`` for ``cfg``: the base optimizer's
+    hyperparameters and the SAM-family options the user set."""
     base = cfg.optimizer if cfg.optimizer in optim.BASES else cfg.base
     kw: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if base == "sgd":
         kw.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
     else:
         kw.update(betas=tuple(cfg.betas))
+    kw.update({k: getattr(cfg, k) for k in SAM_OPTIONS if getattr(cfg, k) is not None})
+    if cfg.sam_epochs is not None:
+        kw["switch_step"] = (cfg.epochs - cfg.sam_epochs) * steps_per_epoch
     return kw
 
 
@@ -210,16 +254,22 @@ class Trainer:
             subset=cfg.subset,
             label_noise=cfg.label_noise,
             seed=cfg.seed,
+            **cfg.data_kwargs,
         )
-        self.data_spec = data.spec
-        data = data.to(self.device)
         augment = Augment.named(
             data.augment if cfg.augment == "auto" else cfg.augment, cutout=cfg.cutout
         )
+        self.data_spec = data.spec
+        self.preprocessing = {
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "augment": dataclasses.asdict(augment),
+        }
+        data = data.to(self.device)
         self.train_batches = train_loader(
             data, cfg.batch_size, augment=augment, drop_last=cfg.drop_last, seed=cfg.seed
         )
-        self.test_batches = Loader(data.test_x, data.test_y, cfg.eval_batch_size)
+        self.test_batches = eval_loader(data, cfg.eval_batch_size)
         if len(self.train_batches) == 0:
             raise UserError(
                 f"--batch-size {cfg.batch_size} with --drop-last leaves no training batch"
@@ -237,10 +287,16 @@ class Trainer:
         self.model = create_model(cfg.model, **self.model_spec["kwargs"]).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = optim.create(
-            cfg.optimizer, self.model.parameters(), base=cfg.base, **base_kwargs(cfg)
-        )
         steps = len(self.train_batches)
+        adaptive = cfg.optimizer in ("asam", "lookbehind-asam") or cfg.adaptive
+        params = (
+            optim.asam_groups(self.model)
+            if adaptive and cfg.asam_scope == "weights"
+            else self.model.parameters()
+        )
+        self.optimizer = optim.create(
+            cfg.optimizer, params, base=cfg.base, **optimizer_kwargs(cfg, steps)
+        )
         milestones = cfg.milestones or [cfg.epochs // 2, (3 * cfg.epochs) // 4]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -281,12 +337,8 @@ class Trainer:
         check = explicit if explicit is not None else set(given)
         differ = [k for k in sorted(check - RUNTIME) if k in stored and stored[k] != given[k]]
         if differ:
-            raise UserError(
-                f"--resume continues {self.out} with its stored settings, but "
-                + ", ".join(
-                    f"{k} differs (stored {stored[k]!r}, given {given[k]!r})" for k in differ
-                )
-            )
+            diffs = ", ".join(f"{k} (stored {stored[k]!r}, given {given[k]!r})" for k in differ)
+            raise UserError(f"--resume continues {self.out} with its stored settings; {diffs}")
         merged = {**stored, **{k: given[k] for k in RUNTIME if explicit is None or k in explicit}}
         merged["resume"] = True
         return cli.from_dict(TrainConfig, merged)
@@ -305,6 +357,7 @@ class Trainer:
             self.model,
             model_spec=self.model_spec,
             data=self.data_spec,
+            preprocessing=self.preprocessing,
             config=cli.to_dict(self.cfg),
             epoch=self.epoch,
             optimizer=self.optimizer.state_dict(),
@@ -320,32 +373,25 @@ class Trainer:
         self.train_batches.set_epoch(self.epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         hits = torch.zeros((), dtype=torch.int64, device=self.device)
-        n = 0
+        n = seen = 0
         check_every = max(1, len(self.train_batches) // 10)
         for i, (x, y) in enumerate(self.train_batches):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            outputs: list[torch.Tensor] = []
-
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y, outputs: list = outputs):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(
-                    self.device.type, dtype=self.autocast, enabled=self.autocast is not None
-                ):
-                    out = model(x)
-                    loss = self.train_loss(out, y)
-                loss.backward()
-                if self.cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-                outputs.append(out.detach())
-                return loss.detach()
-
+            closure = optim.Closure(
+                model,
+                self.train_loss,
+                x,
+                y,
+                autocast_dtype=self.autocast,
+                grad_clip=self.cfg.grad_clip,
+            )
             loss = opt.step(closure)
             self.scheduler.step()
-            b = y.shape[0]
-            loss_sum += loss.double() * b
-            hits += correct_count(outputs[0], y)
-            n += b
+            loss_sum += loss.double() * y.shape[0]
+            n += y.shape[0]
+            hits += closure.hits
+            seen += closure.seen
             if bar is not None:
                 bar.update()
             if (i + 1) % check_every == 0 or i + 1 == len(self.train_batches):
@@ -356,7 +402,7 @@ class Trainer:
                     )
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
-        return (loss_sum / n).item(), hits.item() / n
+        return (loss_sum / n).item(), hits.item() / seen
 
     def fit(self) -> dict[str, float]:
         """Train to ``cfg.epochs``; returns the last epoch's metrics."""
@@ -401,8 +447,7 @@ class Trainer:
                 self._save(self.out / LAST, metrics)
                 if cfg.save_every and self.epoch % cfg.save_every == 0:
                     shutil.copyfile(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")
-                if cfg.progress:
-                    tqdm.write(format_epoch(self.epoch, cfg.epochs, metrics), file=sys.stderr)
+                tqdm.write(format_epoch(self.epoch, cfg.epochs, metrics), file=sys.stderr)
         self.log.set_status("finished")
         return metrics
 

@@ -374,19 +374,29 @@ def test_batchnorm_statistics_updated_once_on_the_clean_pass(name):
 
 @pytest.mark.parametrize("name", [n for n in CASES if n != "sgd"])
 def test_state_dict_round_trip_resumes_bit_identically(name):
+    """Resume mid-run (model, optimizer and an LR scheduler attached to the wrapper)."""
     factory = CASES[name][0]
+
+    def run(model, opt, sched, steps):
+        for _ in range(steps):
+            run_ours(model, opt, x, y, 1)
+            sched.step()
+
     model = convbn()
     x, y = batch(model)
     opt = factory(model.parameters())
-    run_ours(model, opt, x, y, 2)
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
-    run_ours(model, opt, x, y, 3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.7)
+    run(model, opt, sched, 2)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    run(model, opt, sched, 3)
 
     resumed = convbn()
     resumed.load_state_dict(saved[0])
     opt2 = factory(resumed.parameters())
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, 1, gamma=0.7)
     opt2.load_state_dict(saved[1])
-    run_ours(resumed, opt2, x, y, 3)
+    sched2.load_state_dict(saved[2])
+    run(resumed, opt2, sched2, 3)
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     assert "base" in saved[1] and saved[1]["base"]["state"]  # momentum buffers nested
@@ -517,3 +527,18 @@ def test_create_routes_options_and_rejects_unknown():
         "lookbehind-sam",
         "lookbehind-asam",
     }
+
+
+def test_grad_scaler_refused_where_the_update_is_not_scale_invariant():
+    model = mlp().float()
+    x, y = batch(model)
+    x = x.float()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = GSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="GSAM does not support GradScaler"):
+        scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

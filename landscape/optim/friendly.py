@@ -21,6 +21,8 @@ class FriendlySAM(SAM):
     optimizer state.
     """
 
+    scale_invariant = False
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -22,6 +22,8 @@ class GSAM(SAM):
     ``lr_max`` is each group's ``lr`` at construction (the peak of the schedule).
     """
 
+    scale_invariant = False
+
     def __init__(
         self,
         params: Iterable[Any],

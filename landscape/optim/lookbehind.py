@@ -29,6 +29,8 @@ class LookbehindSAM(SAM):
     which is what evaluation and checkpoints see; ``step()`` returns the loss there.
     """
 
+    scale_invariant = False
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -23,6 +23,8 @@ class LookSAM(SAM):
     ``g_v`` is optimizer state (saved in ``state_dict``).
     """
 
+    scale_invariant = False
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -26,6 +26,8 @@ class MSAM(SAM):
     passes of ``m`` samples, the FLOPs of two full passes.
     """
 
+    scale_invariant = False
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -49,6 +49,10 @@ class SAM(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True  # GradScaler.step(opt) calls step() with grad_scale
+    # GradScaler's two-call API is exact when the update depends on the first pass only
+    # through the (scale-invariant) direction g/||g||; variants that keep first-pass
+    # gradients (or need more than two passes) set this to False.
+    scale_invariant = True
 
     def __init__(
         self,
@@ -170,6 +174,12 @@ class SAM(torch.optim.Optimizer):
                 f"{type(self).__name__}.step() needs a closure; in a manual loop call "
                 "first_step() and second_step(), or scaler.step(optimizer) with a GradScaler"
             )
+        if not self.scale_invariant:
+            self._restore()
+            raise RuntimeError(
+                f"{type(self).__name__} does not support GradScaler (its update keeps "
+                "gradients of the scaled first pass); use bf16 autocast, or SAM/ASAM"
+            )
         self._restore()
         if self.found_inf.item():
             return
@@ -247,6 +257,8 @@ class LastSAM(SAM):
     Before the switch a step costs one forward/backward pass. The base optimizer's
     state (momentum, Adam moments) carries across the switch unless ``reset_state``.
     """
+
+    scale_invariant = False  # the switch lives in step(closure)
 
     def __init__(
         self,

@@ -1,0 +1,734 @@
+"""Datasets as in-memory tensors, and a device-resident batch loader.
+
+A :class:`Dataset` holds the whole train and test split as normalised float32 NCHW
+tensors; ``ds.to("cuda")`` puts it on the GPU once. :class:`Loader` then slices
+batches out of it with batched tensor ops (shuffle, random crop, flip, Cutout), with
+all randomness drawn from a CPU ``torch.Generator`` seeded from ``(seed, epoch)``:
+the batches of epoch ``e`` are the same on every device and after a resume.
+
+Built-in datasets (``dataset_names()``):
+
+- ``digits``: scikit-learn's bundled 8x8 digits (no download). Fixed stratified split
+  of the 1797 images into 1347 train / 450 test (a ``RandomState(0)`` permutation,
+  stably sorted by class, every 4th image to the test set), independent of ``seed``.
+- ``mnist``, ``fashion-mnist``: the official IDX ``.gz`` files.
+- ``cifar10``, ``cifar100``: the official python-pickle tarballs.
+- ``synthetic``: seeded class prototypes plus Gaussian noise, any shape; for tests.
+
+Files live in ``<root>/<name>/`` (``root`` defaults to ``$LANDSCAPE_DATA`` or
+``~/.cache/landscape``) and are checked against their official MD5 on every load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import http.client
+import inspect
+import math
+import os
+import pickle
+import struct
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from landscape.utils import UserError, to_device
+
+__all__ = [
+    "DATASETS",
+    "SOURCES",
+    "Augment",
+    "Dataset",
+    "Loader",
+    "Source",
+    "dataset_names",
+    "default_root",
+    "device_batches",
+    "eval_loader",
+    "load_dataset",
+    "read_idx",
+    "train_loader",
+]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class Dataset:
+    """A labelled image dataset held in memory.
+
+    ``train_x``/``test_x`` are float32 NCHW tensors, already normalised with the
+    per-channel ``mean``/``std`` (of pixel values in [0, 1]); ``train_y``/``test_y``
+    are int64 class indices. ``augment`` names the default training augmentation
+    (see :meth:`Augment.named`). ``load_dataset(**spec)`` rebuilds this exact dataset.
+    """
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str = "none"
+    spec: dict = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        """Height of the images (all built-in datasets have square images)."""
+        return self.train_x.shape[2]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """A copy with all tensors on ``device`` (no copy for tensors already there)."""
+        t = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
+        return dataclasses.replace(self, **t)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.name!r}, train={tuple(self.train_x.shape)}, "
+            f"test={tuple(self.test_x.shape)}, num_classes={self.num_classes}, "
+            f"augment={self.augment!r}, device={self.device}, spec={self.spec})"
+        )
+
+
+def default_root() -> Path:
+    """Where datasets are stored: ``$LANDSCAPE_DATA``, else ``~/.cache/landscape``."""
+    env = os.environ.get("LANDSCAPE_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "landscape"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset's files come from: mirror base URLs (tried in order) and the
+    official MD5 of each file. Sums as in torchvision's dataset classes."""
+
+    urls: tuple[str, ...]
+    md5: dict[str, str]
+
+
+SOURCES: dict[str, Source] = {
+    "mnist": Source(
+        (
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
+        {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    ),
+    "fashion-mnist": Source(
+        (
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+        ),
+        {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    ),
+    "cifar10": Source(
+        ("https://www.cs.toronto.edu/~kriz/",),
+        {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+    ),
+    "cifar100": Source(
+        ("https://www.cs.toronto.edu/~kriz/",),
+        {"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"},
+    ),
+}
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _BadDownload(Exception):
+    pass
+
+
+def _download(url: str, dest: Path, md5: str) -> None:
+    """Stream ``url`` into a temp file next to ``dest``, check its MD5, rename."""
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "landscape (python-urllib)"})
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(request, timeout=60) as r:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        actual = _md5(Path(tmp))
+        if actual != md5:
+            raise _BadDownload(f"{url} has md5 {actual}, expected {md5}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fetch(name: str, root: Path, download: bool) -> dict[str, Path]:
+    """Paths of ``name``'s files in ``root/name/``, downloaded if absent and allowed,
+    each checked against its MD5."""
+    source = SOURCES[name]
+    folder = root / name
+    paths = {f: folder / f for f in source.md5}
+    missing = [f for f, p in paths.items() if not p.exists()]
+    reason = "download=False"
+    if missing and download:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{name}: cannot create {folder}: {e}") from None
+        for f in list(missing):
+            errors = []
+            for base in source.urls:
+                try:
+                    _download(base + f, paths[f], source.md5[f])
+                    missing.remove(f)
+                    break
+                except (OSError, http.client.HTTPException, _BadDownload) as e:
+                    errors.append(f"{base + f}: {e}")
+            else:
+                reason = "download failed: " + "; ".join(errors)
+    if missing:
+        raise UserError(
+            f"{name}: {', '.join(missing)} not found in {folder} ({reason}); "
+            f"place {'that file' if len(missing) == 1 else 'those files'} "
+            f"(from {source.urls[0]}) in {folder}/"
+        )
+    for f, p in paths.items():
+        actual = _md5(p)
+        if actual != source.md5[f]:
+            raise UserError(
+                f"{p} has the wrong checksum: expected md5 {source.md5[f]}, got {actual}; "
+                f"delete it (and download again from {source.urls[0]}{f})"
+            )
+    return paths
+
+
+@contextlib.contextmanager
+def _parsing(path: Path) -> Iterator[None]:
+    """Turn any failure to parse ``path`` into a :class:`UserError`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        struct.error,
+        zlib.error,
+        tarfile.TarError,
+        pickle.UnpicklingError,
+    ) as e:
+        raise UserError(
+            f"{path} is corrupt, truncated or not the expected file "
+            f"({type(e).__name__}: {e}); delete it and load again"
+        ) from None
+
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): data are big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format) into a native-endian array.
+
+    Header: two zero bytes, a type code, the number of dimensions, then each dimension
+    as a big-endian uint32; the payload must hold exactly ``prod(dims)`` items.
+    """
+    path = Path(path)
+    with _parsing(path):
+        with gzip.open(path, "rb") as f:
+            buf = f.read()
+        if len(buf) < 4 or buf[0:2] != b"\0\0" or buf[2] not in _IDX_DTYPES:
+            raise UserError(f"{path} is not an IDX file (bad magic number {buf[:4].hex()})")
+        dtype, n = np.dtype(_IDX_DTYPES[buf[2]]), buf[3]
+        if ndim is not None and n != ndim:
+            raise UserError(f"{path}: expected {ndim} dimensions, the header says {n}")
+        start = 4 + 4 * n
+        if len(buf) < start:
+            raise UserError(f"{path} is truncated (incomplete header)")
+        dims = struct.unpack(f">{n}I", buf[4:start])
+        expected = math.prod(dims) * dtype.itemsize
+        if len(buf) - start != expected:
+            raise UserError(
+                f"{path} is truncated or corrupt: header says shape {dims} "
+                f"({expected} bytes of data), found {len(buf) - start} bytes"
+            )
+        return np.frombuffer(buf, dtype, offset=start).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _normalised(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 NCHW array -> float32 tensor ``(x / 255 - mean) / std`` per channel."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(255.0)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return t.sub_(m).div_(s)
+
+
+def _labels(y: np.ndarray, n: int, num_classes: int, what: str) -> Tensor:
+    if y.shape != (n,):
+        raise UserError(f"{what}: {n} images but labels of shape {y.shape}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise UserError(f"{what}: labels outside [0, {num_classes})")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _image_dataset(name, train, test, num_classes, mean, std, augment, where) -> Dataset:
+    (tx, ty), (vx, vy) = train, test
+    return Dataset(
+        name=name,
+        train_x=_normalised(tx, mean, std),
+        train_y=_labels(ty, len(tx), num_classes, f"{where} (train)"),
+        test_x=_normalised(vx, mean, std),
+        test_y=_labels(vy, len(vx), num_classes, f"{where} (test)"),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        augment=augment,
+    )
+
+
+def _mnist_like(name: str, root: Path, download: bool, mean: float, std: float) -> Dataset:
+    p = _fetch(name, root, download)
+    split = {}
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(p[f"{prefix}-images-idx3-ubyte.gz"], ndim=3)
+        y = read_idx(p[f"{prefix}-labels-idx1-ubyte.gz"], ndim=1)
+        if x.dtype != np.uint8 or y.dtype != np.uint8:
+            raise UserError(f"{name}: {prefix}-*-ubyte.gz files must hold unsigned bytes")
+        split[part] = (x[:, None], y)
+    return _image_dataset(
+        name, split["train"], split["test"], 10, (mean,), (std,), "none", root / name
+    )
+
+
+def _mnist(root: Path, download: bool) -> Dataset:
+    return _mnist_like("mnist", root, download, 0.1307, 0.3081)
+
+
+def _fashion_mnist(root: Path, download: bool) -> Dataset:
+    return _mnist_like("fashion-mnist", root, download, 0.2860, 0.3530)
+
+
+def _read_cifar(path: Path, members: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the pickled batches ``members`` of a CIFAR python tarball. The pickles
+    are trusted: the tarball's MD5 was checked first."""
+    xs, ys = [], []
+    with _parsing(path), tarfile.open(path, "r:gz") as tar:
+        for member in members:
+            f = tar.extractfile(member)
+            if f is None:
+                raise UserError(f"{path}: {member} is not a regular file")
+            d = pickle.load(f, encoding="bytes")
+            x = np.asarray(d[b"data"], dtype=np.uint8)
+            y = np.asarray(d[label_key], dtype=np.int64)
+            if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
+                raise UserError(f"{path}: {member} holds data {x.shape} and {len(y)} labels")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _cifar10(root: Path, download: bool) -> Dataset:
+    path = _fetch("cifar10", root, download)["cifar-10-python.tar.gz"]
+    folder = "cifar-10-batches-py/"
+    train = _read_cifar(path, [f"{folder}data_batch_{i}" for i in range(1, 6)], b"labels")
+    test = _read_cifar(path, [f"{folder}test_batch"], b"labels")
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    return _image_dataset("cifar10", train, test, 10, mean, std, "cifar", path)
+
+
+def _cifar100(root: Path, download: bool) -> Dataset:
+    path = _fetch("cifar100", root, download)["cifar-100-python.tar.gz"]
+    train = _read_cifar(path, ["cifar-100-python/train"], b"fine_labels")
+    test = _read_cifar(path, ["cifar-100-python/test"], b"fine_labels")
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    return _image_dataset("cifar100", train, test, 100, mean, std, "cifar", path)
+
+
+# Mean/std of the digits train split's pixels (scaled to [0, 1] by /16).
+_DIGITS_MEAN, _DIGITS_STD = 0.3053, 0.3760
+
+
+def _digits_split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test indices (1347 / 450) for the digits labels ``y``.
+
+    A ``RandomState(0)`` permutation (a frozen stream), stably sorted by class; every 4th
+    image of that order goes to the test set, so each class is split 3:1.
+    """
+    perm = np.random.RandomState(0).permutation(len(y))
+    order = perm[np.argsort(y[perm], kind="stable")]
+    test = np.sort(order[::4])
+    return np.setdiff1d(np.arange(len(y)), test), test
+
+
+def _digits(root: Path, download: bool) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    x = (x - _DIGITS_MEAN) / _DIGITS_STD
+    y = torch.from_numpy(d.target.astype(np.int64))
+    train, test = (torch.from_numpy(i) for i in _digits_split(d.target))
+    return Dataset(
+        "digits", x[train], y[train], x[test], y[test], 10, (_DIGITS_MEAN,), (_DIGITS_STD,)
+    )
+
+
+def _synthetic(
+    root: Path,
+    download: bool,
+    *,
+    n_train: int = 512,
+    n_test: int = 256,
+    shape: tuple[int, ...] | list[int] = (3, 8, 8),
+    num_classes: int = 10,
+    noise: float = 1.0,
+    data_seed: int = 0,
+) -> Dataset:
+    """Class prototypes ``N(0, 1)`` plus ``N(0, noise^2)`` per pixel, scaled to unit
+    variance; balanced classes. Content depends only on these arguments."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"synthetic: shape must be (C, H, W) with positive sizes, got {shape}")
+    if num_classes < 2 or n_train < 1 or n_test < 1 or noise < 0:
+        raise UserError(
+            "synthetic: need num_classes >= 2, n_train >= 1, n_test >= 1, noise >= 0; got "
+            f"{num_classes}, {n_train}, {n_test}, {noise}"
+        )
+    g = torch.Generator().manual_seed(data_seed)
+    protos = torch.randn(num_classes, *shape, generator=g)
+    scale = 1.0 / math.sqrt(1.0 + noise**2)
+
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        y = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+        x = (protos[y] + noise * torch.randn(n, *shape, generator=g)) * scale
+        return x, y
+
+    (tx, ty), (vx, vy) = draw(n_train), draw(n_test)
+    args = dict(n_train=n_train, n_test=n_test, shape=list(shape), num_classes=num_classes)
+    args.update(noise=noise, data_seed=data_seed)
+    c = shape[0]
+    return Dataset("synthetic", tx, ty, vx, vy, num_classes, (0.0,) * c, (1.0,) * c, spec=args)
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": _digits,
+    "mnist": _mnist,
+    "fashion-mnist": _fashion_mnist,
+    "cifar10": _cifar10,
+    "cifar100": _cifar100,
+    "synthetic": _synthetic,
+}
+"""Name -> builder ``(root: Path, download: bool, **options) -> Dataset`` returning the
+full dataset; a builder puts its options in ``spec``. Register your own here."""
+
+
+def dataset_names() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return sorted(DATASETS)
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by mixing the integers ``key`` (SeedSequence)."""
+    ss = np.random.SeedSequence([k % 2**64 for k in key])
+    return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0]))
+
+
+_SUBSET, _NOISE, _LOADER = 1, 2, 3  # streams of _generator(seed, stream, ...)
+
+
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    download: bool = True,
+    *,
+    subset: int | None = None,
+    label_noise: float = 0.0,
+    seed: int = 0,
+    **kw,
+) -> Dataset:
+    """Load dataset ``name`` (see :func:`dataset_names`) into CPU tensors.
+
+    ``subset=N`` keeps a seeded random subset of N training samples (original order).
+    ``label_noise=p`` then replaces the labels of exactly ``round(p * N)`` seeded random
+    training samples by a uniformly drawn *different* class (symmetric noise, as in the
+    SAM papers' label-noise experiments). The test set never changes. ``seed`` drives only
+    these two; ``kw`` are the builder's options (``synthetic``: ``n_train``, ``n_test``,
+    ``shape``, ``num_classes``, ``noise``, ``data_seed``).
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(dataset_names())}")
+    builder = DATASETS[name]
+    root = Path(root).expanduser() if root is not None else default_root()
+    try:
+        inspect.signature(builder).bind(root, download, **kw)
+    except TypeError:
+        raise UserError(f"dataset {name!r} does not take options {sorted(kw)}") from None
+    if not 0.0 <= label_noise < 1.0:
+        raise UserError(f"label_noise must be in [0, 1), got {label_noise}")
+    ds = builder(root, download, **kw)
+    x, y = ds.train_x, ds.train_y
+    n = len(y)
+    if subset is not None:
+        if isinstance(subset, bool) or not isinstance(subset, int) or not 0 < subset <= n:
+            raise UserError(f"subset must be in [1, {n}] for {name}, got {subset}")
+        keep = torch.randperm(n, generator=_generator(seed, _SUBSET))[:subset].sort().values
+        x, y, n = x[keep], y[keep], subset
+    if label_noise > 0:
+        k = round(label_noise * n)
+        g = _generator(seed, _NOISE)
+        idx = torch.randperm(n, generator=g)[:k]
+        shift = torch.randint(1, ds.num_classes, (k,), generator=g)
+        y = y.clone()
+        y[idx] = (y[idx] + shift) % ds.num_classes
+    spec = {"name": name, **ds.spec, "subset": subset, "label_noise": label_noise, "seed": seed}
+    return dataclasses.replace(ds, train_x=x, train_y=y, spec=spec)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Augment:
+    """Training augmentation, applied as batched tensor ops.
+
+    ``crop``: zero-pad by this many pixels, then take a random window of the original
+    size; ``flip``: mirror left-right with probability 1/2; ``cutout``: zero a square of
+    this side at a uniformly random centre, clipped at the borders (DeVries & Taylor
+    2017). Inputs are normalised, so zero is the dataset mean.
+    """
+
+    crop: int = 0
+    flip: bool = False
+    cutout: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crop < 0 or self.cutout < 0:
+            raise UserError(f"crop and cutout must be >= 0, got {self.crop}, {self.cutout}")
+
+    @classmethod
+    def named(cls, name: str, cutout: int = 0) -> Augment:
+        """``"cifar"``: crop 4 + flip; ``"none"``: nothing; plus optional Cutout."""
+        presets = {"cifar": cls(crop=4, flip=True), "none": cls()}
+        if name not in presets:
+            raise UserError(f"unknown augmentation {name!r}; choose from cifar, none")
+        return dataclasses.replace(presets[name], cutout=cutout)
+
+    @property
+    def active(self) -> bool:
+        return self.crop > 0 or self.flip or self.cutout > 0
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """Random parameters for ``n`` samples: int64 ``(n, 5)`` columns
+        ``(dy, dx, flip, cy, cx)``: crop offset into the padded image, flip flag,
+        Cutout centre. Unused columns are zero."""
+        p = torch.zeros(n, 5, dtype=torch.int64)
+        if self.crop:
+            p[:, :2] = torch.randint(0, 2 * self.crop + 1, (n, 2), generator=generator)
+        if self.flip:
+            p[:, 2] = torch.randint(0, 2, (n,), generator=generator)
+        if self.cutout:
+            p[:, 3] = torch.randint(0, height, (n,), generator=generator)
+            p[:, 4] = torch.randint(0, width, (n,), generator=generator)
+        return p
+
+    def apply(self, x: Tensor, params: Tensor) -> Tensor:
+        """Augment the batch ``x`` (N, C, H, W) with ``params`` from :meth:`draw` (on
+        ``x``'s device). Returns a new tensor; ``x`` is not modified."""
+        n, c, h, w = x.shape
+        dy, dx, flip, cy, cx = params.unbind(1)
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        if self.crop or self.flip:
+            # one gather does both: output (i, j) reads padded (dy + i, dx + j), or
+            # (dy + i, dx + w - 1 - j) when flipped
+            p = self.crop
+            padded = F.pad(x, (p,) * 4) if p else x
+            src_cols = torch.where(flip.view(n, 1).bool(), w - 1 - cols, cols) + dx.view(n, 1)
+            src = (rows + dy.view(n, 1)).view(n, h, 1) * (w + 2 * p) + src_cols.view(n, 1, w)
+            x = padded.reshape(n, c, -1).gather(2, src.view(n, 1, h * w).expand(n, c, -1))
+            x = x.view(n, c, h, w)
+        if self.cutout:
+            top = (cy - self.cutout // 2).view(n, 1)
+            left = (cx - self.cutout // 2).view(n, 1)
+            in_rows = (rows >= top) & (rows < top + self.cutout)
+            in_cols = (cols >= left) & (cols < left + self.cutout)
+            mask = in_rows.view(n, 1, h, 1) & in_cols.view(n, 1, 1, w)
+            # in place only on the fresh tensor made by the gather above
+            x = x.masked_fill_(mask, 0) if self.crop or self.flip else x.masked_fill(mask, 0)
+        return x
+
+
+class Loader:
+    """Batches sliced from tensors that already sit on the training device.
+
+    Re-iterable and deterministic: the order (``shuffle``) and the augmentation of an
+    epoch depend only on ``(seed, epoch)``; call :meth:`set_epoch` each epoch. Random
+    numbers come from a CPU generator (one small host-to-device copy per epoch), so a
+    CPU and a GPU run see identical batches; there is no host sync per batch.
+    Unshuffled, unaugmented batches are views of ``x`` and ``y``.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
+        if len(x) != len(y):
+            raise UserError(f"Loader: {len(x)} inputs but {len(y)} targets")
+        if x.device != y.device:
+            raise UserError(f"Loader: inputs on {x.device} but targets on {y.device}")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        if augment is not None and augment.active and x.ndim != 4:
+            raise UserError(f"augmentation needs NCHW images, got shape {tuple(x.shape)}")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.augment = augment if augment is not None and augment.active else None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle order and augmentation of ``epoch``."""
+        self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples yielded per epoch."""
+        n = len(self.y)
+        return n - n % self.batch_size if self.drop_last else n
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n, b, device = self.num_samples, self.batch_size, self.x.device
+        order = params = None
+        if self.shuffle or self.augment is not None:
+            g = _generator(self.seed, _LOADER, self.epoch)
+            if self.shuffle:
+                order = torch.randperm(len(self.y), generator=g).to(device, non_blocking=True)
+            if self.augment is not None:
+                h, w = self.x.shape[2:]
+                params = self.augment.draw(n, h, w, g).to(device, non_blocking=True)
+        for i in range(0, n, b):
+            if order is None:
+                xb, yb = self.x[i : i + b], self.y[i : i + b]
+            else:
+                idx = order[i : i + b]
+                xb, yb = self.x[idx], self.y[idx]
+            if params is not None:
+                xb = self.augment.apply(xb, params[i : i + b])
+            yield xb, yb
+
+    def __repr__(self) -> str:
+        return (
+            f"Loader(n={len(self.y)}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
+            f"drop_last={self.drop_last}, augment={self.augment}, seed={self.seed}, "
+            f"epoch={self.epoch}, device={self.x.device})"
+        )
+
+
+def train_loader(
+    ds: Dataset,
+    batch_size: int,
+    *,
+    augment: Augment | str | None = None,
+    drop_last: bool = False,
+    seed: int = 0,
+) -> Loader:
+    """Shuffled, augmented loader over ``ds``'s training split, on ``ds``'s device.
+    ``augment``: an :class:`Augment`, a preset name, or ``None`` for ``ds.augment``."""
+    if augment is None or isinstance(augment, str):
+        augment = Augment.named(augment or ds.augment)
+    return Loader(
+        ds.train_x,
+        ds.train_y,
+        batch_size,
+        shuffle=True,
+        drop_last=drop_last,
+        augment=augment,
+        seed=seed,
+    )
+
+
+def eval_loader(ds: Dataset, batch_size: int = 1000, *, split: str = "test") -> Loader:
+    """Unshuffled, unaugmented loader for evaluation over ``split`` ("test" or "train")."""
+    if split not in ("test", "train"):
+        raise UserError(f"split must be 'test' or 'train', got {split!r}")
+    return Loader(getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y"), batch_size)
+
+
+class _OnDevice:
+    def __init__(self, data: Iterable, device: torch.device) -> None:
+        self.data, self.device = data, device
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return to_device(self.data, self.device)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def device_batches(data: Iterable, device: torch.device | str) -> Iterable[tuple[Tensor, Tensor]]:
+    """Re-iterable ``(x, y)`` batches on ``device`` from a :class:`Loader`, a
+    ``torch.utils.data.DataLoader`` or a list of ``(x, y)`` tuples."""
+    device = torch.device(device)
+    if isinstance(data, Loader) and data.x.device == device:
+        return data
+    return _OnDevice(data, device)

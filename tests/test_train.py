@@ -1,0 +1,262 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from landscape import checkpoint, cli
+from landscape.optim import WRAPPERS
+from landscape.store import read_run
+from landscape.train import TrainConfig, Trainer, lr_lambda, main, train
+
+SYN = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
+
+
+def run_cli(argv, capsys=None):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_digits_simplecnn_sgd_reaches_95_percent(tmp_path):
+    argv = ["--dataset", "digits", "--model", "simplecnn", "--optimizer", "sgd", "--epochs", "10"]
+    assert run_cli([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    run = read_run(tmp_path / "run.h5")
+    assert run.status == "finished"
+    assert list(run.epoch) == list(range(1, 11))
+    assert run.metrics["test/acc"][-1] >= 0.95
+
+
+def test_every_config_field_is_a_flag_and_toml_works(tmp_path):
+    parser = cli.build_parser(TrainConfig, "p", "")
+    flags = {a.dest for a in parser._actions} - {"help", "config"}
+    assert flags == {f for f in TrainConfig.__dataclass_fields__}
+    toml = tmp_path / "c.toml"
+    toml.write_text('optimizer = "sam"\nrho = 0.1\nepochs = 3\nbetas = [0.8, 0.9]\n')
+    cfg, explicit = cli.parse(TrainConfig, ["--config", str(toml), "--epochs", "4"], "p")
+    assert (cfg.optimizer, cfg.rho, cfg.epochs, cfg.betas) == ("sam", 0.1, 4, [0.8, 0.9])
+    assert {"optimizer", "rho", "epochs", "betas"} <= explicit
+
+
+def test_schedule_shapes():
+    cos = lr_lambda("cosine", total_steps=100, warmup_steps=10)
+    assert [cos(0), cos(4), cos(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert cos(10) == pytest.approx(1.0)
+    assert cos(55) == pytest.approx(0.5)
+    assert cos(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    step = lr_lambda("multistep", 100, milestones=[30, 60], gamma=0.1)
+    assert [step(29), step(30), step(59), step(60)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    assert lr_lambda("constant", 100)(77) == 1.0
+
+
+def test_checkpoint_is_self_describing(tmp_path):
+    out = train(
+        TrainConfig(
+            dataset="synthetic",
+            model="mlp",
+            epochs=2,
+            out=str(tmp_path),
+            progress=False,
+            save_every=1,
+        )
+    )
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["model"]["name"] == "mlp" and ckpt["epoch"] == 2
+    assert ckpt["data"]["name"] == "synthetic"
+    assert ckpt["preprocessing"]["augment"] == {"crop": 0, "flip": False, "cutout": 0}
+    assert ckpt["config"]["epochs"] == 2 and "momentum_buffer" in str(ckpt["optimizer"])
+    model, info = checkpoint.load(out / "last.pt")
+    assert not model.training and info["epoch"] == 2 and "state_dict" not in info
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k])
+    assert sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_001.pt", "epoch_002.pt"]
+
+
+def test_resume_after_crash_mid_epoch_equals_uninterrupted(tmp_path):
+    common = dict(dataset="synthetic", model="mlp", optimizer="sam", epochs=4, progress=False)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **common))
+
+    crashing = Trainer(TrainConfig(out=str(tmp_path / "crash"), **common))
+    loader = crashing.train_batches
+
+    class CrashInEpoch3:
+        def __len__(self):
+            return len(loader)
+
+        def set_epoch(self, epoch):
+            loader.set_epoch(epoch)
+            self.epoch = epoch
+
+        def __iter__(self):
+            for i, batch in enumerate(loader):
+                if self.epoch == 2 and i == 3:
+                    raise KeyboardInterrupt
+                yield batch
+
+    crashing.train_batches = CrashInEpoch3()
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    assert torch.load(tmp_path / "crash/last.pt", weights_only=True)["epoch"] == 2
+    resumed = train(TrainConfig(out=str(tmp_path / "crash"), resume=True, **common))
+    for k, v in weights(full / "last.pt").items():
+        assert torch.equal(v, weights(resumed / "last.pt")[k]), k
+    assert list(read_run(resumed / "run.h5").epoch) == [1, 2, 3, 4]
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    argv = [
+        *SYN,
+        "--data-kwargs",
+        json.dumps({"n_train": 16384}),
+        "--epochs",
+        "4",
+        "--optimizer",
+        "lookbehind-sam",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "landscape.train", *argv]
+    subprocess.run(
+        [*cmd, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True
+    )
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "killed")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(last, weights_only=True)["epoch"]
+    assert 1 <= done < 4, "the kill should land before the end of the run"
+    subprocess.run(
+        [*cmd, "--out", str(tmp_path / "killed"), "--resume"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    for k, v in weights(tmp_path / "full/last.pt").items():
+        assert torch.equal(v, weights(last)[k]), k
+    run = read_run(tmp_path / "killed/run.h5")
+    assert list(run.epoch) == [1, 2, 3, 4] and run.status == "finished"
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    argv = [
+        *SYN,
+        "--epochs",
+        "4",
+        "--schedule",
+        "constant",
+        "--warmup-epochs",
+        "3",
+        "--lr",
+        "20",
+        "--out",
+        str(tmp_path),
+    ]
+    assert run_cli(argv) == 3
+    err = capsys.readouterr().err
+    assert "diverged: training loss is nan in epoch 2" in err
+    run = read_run(tmp_path / "run.h5")
+    assert run.status == "diverged" and "epoch 1" in run.message
+    assert list(run.epoch) == [1]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert all(v.isfinite().all() for v in weights(tmp_path / "last.pt").values())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; choose from cifar10"),
+        (["--model", "gpt"], "unknown model 'gpt'; choose from mlp"),
+        (["--optimizer", "lion"], "unknown optimizer 'lion'; choose from sgd"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--epochs", "-1"], "--epochs must be positive"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--label-noise", "1.5"], "--label-noise must be in [0, 1)"),
+        (["--optimizer", "sam", "--k", "3"], "takes no k"),
+        (["--optimizer", "lastsam"], "--sam-epochs goes with --optimizer lastsam"),
+        (["--optimizer", "sam", "--rho", "-1"], "rho must be >= 0"),
+        (["--model-kwargs", '{"depth": 7}', "--model", "resnet"], "depth must be 6n+2"),
+        (["--data-kwargs", '{"colour": 1}'], "does not take options"),
+        (["--device", "cuda:7"], "cuda"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, args, message):
+    assert run_cli([*SYN, "--epochs", "1", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_refuses_to_mix_runs(tmp_path, capsys):
+    base = [*SYN, "--epochs", "1", "--out", str(tmp_path)]
+    assert run_cli(base) == 0
+    assert run_cli(base) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert run_cli([*base, "--resume", "--lr", "0.2"]) == 2
+    assert "stored settings; lr (stored 0.05, given 0.2)" in capsys.readouterr().err
+    assert run_cli([*base, "--resume"]) == 0  # already done: nothing to do
+    assert run_cli([*base, "--overwrite", "--epochs", "2"]) == 0
+    assert list(read_run(tmp_path / "run.h5").epoch) == [1, 2]
+
+
+def test_unreadable_and_foreign_checkpoints(tmp_path, capsys):
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    assert run_cli([*SYN, "--out", str(tmp_path), "--resume"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(Exception, match="not a landscape checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+def test_every_sam_variant_trains_digits(tmp_path, name):
+    extra = {"sam_epochs": 1} if name == "lastsam" else {}
+    cfg = TrainConfig(optimizer=name, epochs=3, lr=0.1, out=str(tmp_path), progress=False, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a scheduler stepped in the wrong order
+        train(cfg)
+    run = read_run(tmp_path / "run.h5")
+    assert run.status == "finished" and run.metrics["test/acc"][-1] > 0.8
+
+
+def test_adam_and_sam_on_adamw(tmp_path):
+    for name, base in (("adam", "sgd"), ("sam", "adamw")):
+        out = tmp_path / name
+        train(
+            TrainConfig(optimizer=name, base=base, lr=1e-3, epochs=2, out=str(out), progress=False)
+        )
+        assert read_run(out / "run.h5").metrics["test/acc"][-1] > 0.6
+
+
+def test_python_m_landscape_dispatches():
+    out = subprocess.run(
+        [sys.executable, "-m", "landscape", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "train" in out and "demo" in out
+    out = subprocess.run(
+        [sys.executable, "-m", "landscape", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--sam-epochs" in out and "--rho" in out
+    bad = subprocess.run(
+        [sys.executable, "-m", "landscape", "nope"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
