@@ -542,3 +542,78 @@ def test_grad_scaler_refused_where_the_update_is_not_scale_invariant():
     with pytest.raises(RuntimeError, match="GSAM does not support GradScaler"):
         scaler.step(opt)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_grad_scaler_closure_recipe_matches_two_call_api():
+    a, b = mlp().float(), mlp().float()
+    x, y = batch(a)
+    x = x.float()
+    sa, sb = (torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2))
+    oa = SAM(a.parameters(), torch.optim.SGD, **SGD_KW)
+    ob = ASAM(b.parameters(), torch.optim.SGD, **SGD_KW)
+    ref_model = mlp().float()
+    ref = ASAM(ref_model.parameters(), torch.optim.SGD, **SGD_KW)
+    for _ in range(2):
+        oa.step(Closure(a, nn.functional.cross_entropy, x, y, grad_scaler=sa))
+        sa.update()
+        ob.step(Closure(b, nn.functional.cross_entropy, x, y, grad_scaler=sb))
+        sb.update()
+        ref.step(Closure(ref_model, nn.functional.cross_entropy, x, y))
+    for p, q in zip(b.parameters(), ref_model.parameters()):
+        assert (p - q).abs().max().item() < 1e-6
+    sam_ref = mlp().float()
+    opt = SAM(sam_ref.parameters(), torch.optim.SGD, **SGD_KW)
+    for _ in range(2):
+        opt.step(Closure(sam_ref, nn.functional.cross_entropy, x, y))
+    for p, q in zip(a.parameters(), sam_ref.parameters()):
+        assert (p - q).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("name", ["gsam", "looksam", "lookbehind-sam", "msam", "lastsam"])
+def test_grad_scaler_closure_refused_by_scale_sensitive_methods(name):
+    model = mlp().float()
+    x, y = batch(model)
+    opt = CASES[name][0](model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    closure = Closure(
+        model, nn.functional.cross_entropy, x.float(), y, grad_scaler=torch.amp.GradScaler("cpu")
+    )
+    with pytest.raises(RuntimeError, match="does not support GradScaler"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lastsam_switch_keeps_or_resets_base_state():
+    """Up to the switch both runs are identical; at the first SAM step the kept momentum
+    is mu * buf + d and the reset one is d, so they differ by exactly mu * buf."""
+    bufs = {}
+    for reset in (False, True):
+        model = mlp()
+        x, y = batch(model)
+        opt = LastSAM(
+            model.parameters(), torch.optim.SGD, switch_step=2, reset_state=reset, **SGD_KW
+        )
+        run_ours(model, opt, x, y, 2)
+        before = opt.base.state[model[0].weight]["momentum_buffer"].clone()
+        run_ours(model, opt, x, y, 1)
+        bufs[reset] = (before, opt.base.state[model[0].weight]["momentum_buffer"])
+    (before, kept), (_, reset) = bufs[False], bufs[True]
+    assert (kept - reset - MOM * before).abs().max().item() < 1e-12
+    assert before.abs().max().item() > 1e-3
+
+
+def test_closure_clips_the_global_gradient_norm():
+    model = mlp()
+    x, y = batch(model)
+    Closure(model, nn.functional.cross_entropy, x, y, grad_clip=1e-3)()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert norm.item() == pytest.approx(1e-3, rel=1e-5)  # clip_grad_norm_ adds 1e-6
+    with pytest.raises(ValueError, match="unscale"):
+        Closure(
+            model,
+            nn.functional.cross_entropy,
+            x,
+            y,
+            grad_clip=1.0,
+            grad_scaler=torch.amp.GradScaler("cpu"),
+        )

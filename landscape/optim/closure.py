@@ -19,6 +19,9 @@ class Closure:
     backward weighted by its share), for batches that don't fit in memory at once: the
     gradient equals the full batch's, up to BatchNorm's per-micro-batch statistics.
 
+    ``grad_scaler`` (fp16): each backward is scaled; SAM and ASAM then finish the step
+    through ``grad_scaler.step`` (call ``grad_scaler.update()`` after ``opt.step``).
+
     It also counts the accuracy of the first pass over each part of the batch (the
     clean pass): ``hits / seen``.
     """
@@ -33,12 +36,19 @@ class Closure:
         autocast_dtype: torch.dtype | None = None,
         grad_clip: float | None = None,
         micro_batch: int | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ):
+        if grad_scaler is not None and grad_clip:
+            raise ValueError(
+                "grad_clip with a grad_scaler needs unscaled gradients: use the two-call "
+                "API (docs/optimizers.md) and clip after scaler.unscale_(optimizer)"
+            )
         self.model, self.loss_fn = model, loss_fn
         self.inputs, self.targets = inputs, targets
         self.autocast_dtype = autocast_dtype
         self.grad_clip = grad_clip
         self.micro_batch = micro_batch
+        self.grad_scaler = grad_scaler
         self.batch_size = targets.shape[0]
         self.hits = torch.zeros((), dtype=torch.int64, device=targets.device)
         self.seen = 0
@@ -62,7 +72,8 @@ class Closure:
                 out = self.model(x)
                 loss = self.loss_fn(out, y)
             share = (part.stop - part.start) / n
-            (loss * share).backward()
+            scaled = loss * share
+            (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
             total += loss.detach().float() * share
             if count:
                 self.hits += correct_count(out.detach(), y)

@@ -55,6 +55,7 @@ class LookbehindSAM(SAM):
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         if closure is None:
             raise RuntimeError("LookbehindSAM.step() needs a closure")
+        self._scaler(closure)
         closure = torch.enable_grad()(closure)
         loss = self._clean_pass(closure)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]

@@ -45,6 +45,7 @@ class LookSAM(SAM):
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         if closure is None:
             raise RuntimeError("LookSAM.step() needs a closure")
+        self._scaler(closure)
         closure = torch.enable_grad()(closure)
         n = self._count_step()
         loss = self._clean_pass(closure)

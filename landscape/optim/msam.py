@@ -50,6 +50,7 @@ class MSAM(SAM):
                 "MSAM.step() needs a closure that takes chunk= and has batch_size, "
                 "e.g. landscape.optim.Closure"
             )
+        self._scaler(closure)
         closure = torch.enable_grad()(closure)
         loss = torch.zeros(())
         params: list[Tensor] = []

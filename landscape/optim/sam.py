@@ -152,17 +152,35 @@ class SAM(torch.optim.Optimizer):
         with extra_pass(freeze_bn=False, local=not self.sync_perturbation):
             return closure()
 
+    def _require_scale_invariance(self) -> None:
+        if not self.scale_invariant:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support GradScaler (its update keeps "
+                "gradients of the scaled first pass); use bf16 autocast, or SAM/ASAM"
+            )
+
+    def _scaler(self, closure: Closure) -> torch.amp.GradScaler | None:
+        """The closure's gradient scaler, if any, after checking this method supports it."""
+        scaler = getattr(closure, "grad_scaler", None)
+        if scaler is not None:
+            self._require_scale_invariance()
+        return scaler
+
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
         """One SAM step; returns the loss of the clean pass."""
         if closure is None:
             return self._scaled_second_step()
+        scaler = self._scaler(closure)
         closure = torch.enable_grad()(closure)
         loss = self._clean_pass(closure)
         self.first_step()
         with extra_pass():
             closure()
-        self.second_step()
+        if scaler is None:
+            self.second_step()
+        else:
+            scaler.step(self)  # -> _scaled_second_step: restore, unscale, skip on overflow
         return loss
 
     def _scaled_second_step(self) -> None:
@@ -174,13 +192,8 @@ class SAM(torch.optim.Optimizer):
                 f"{type(self).__name__}.step() needs a closure; in a manual loop call "
                 "first_step() and second_step(), or scaler.step(optimizer) with a GradScaler"
             )
-        if not self.scale_invariant:
-            self._restore()
-            raise RuntimeError(
-                f"{type(self).__name__} does not support GradScaler (its update keeps "
-                "gradients of the scaled first pass); use bf16 autocast, or SAM/ASAM"
-            )
         self._restore()
+        self._require_scale_invariance()
         if self.found_inf.item():
             return
         if self.grad_scale is not None:
@@ -287,6 +300,7 @@ class LastSAM(SAM):
             return super().step(closure)
         if closure is None:
             raise RuntimeError("LastSAM.step() needs a closure")
+        self._scaler(closure)
         with torch.enable_grad():
             loss = closure()
         self.base.step()
