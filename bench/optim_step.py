@@ -1,6 +1,6 @@
 """Step time of every optimizer relative to SGD, on ResNet-20 with a batch of 128.
 
-All variants run in one process on the same batch, interleaved round by round (each
+All variants run in one process on the same model and batch, interleaved round by round (each
 round is ``k=5`` steps of each, so LookSAM's one-in-five SAM step is inside every
 round); the ratio is the median round time over SGD's. ``loop-sam`` is SAM written the
 way most SAM repositories do it (a Python loop per parameter, a clone of every weight
@@ -82,14 +82,11 @@ TARGETS = {
 }
 
 
-def build(name: str, device: torch.device, model0: nn.Module):
-    model = create_model("resnet20").to(device)
-    model.load_state_dict(model0.state_dict())
+def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
     sgd = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
     if name == "loop-sam":
-        return model, LoopSAM(model.parameters(), torch.optim.SGD, **sgd)
-    base_name = name.split(" ")[0]
-    return model, create(base_name, model.parameters(), **sgd, **VARIANTS[name])
+        return LoopSAM(model.parameters(), torch.optim.SGD, **sgd)
+    return create(name.split(" ")[0], model.parameters(), **sgd, **VARIANTS[name])
 
 
 def main() -> None:
@@ -105,10 +102,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model0 = create_model("resnet20")
+    # One model for all: every optimizer steps the same tensors, so memory layout and
+    # caches are the same for all of them and only the optimizer differs.
+    model = create_model("resnet20").to(device)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    runs = {name: build(name, device, model0) for name in VARIANTS}
+    runs = {name: (model, build(name, model)) for name in VARIANTS}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if args.rounds:
         full_steps(runs, x, y, args, sync)

@@ -124,3 +124,25 @@ def load(
     except RuntimeError as e:
         raise UserError(f"{path} does not fit the model: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt
+
+
+def load_with_data(
+    path: str | Path,
+    *,
+    split: str = "train",
+    subset: int | None = None,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    data_root: str | Path | None = None,
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """``(model, batches, info)``: the checkpoint's model in eval mode and its dataset's
+    ``split`` (training labels as trained, label noise included; no augmentation), as a
+    device-resident loader over a fixed seeded ``subset``. What the measurement CLIs use."""
+    from .data import eval_loader, load_dataset
+
+    model, info = load(path, device=device)
+    if not info.get("data"):
+        raise UserError(f"{path} does not name its dataset; measure it from Python instead")
+    data = load_dataset(root=data_root, **info["data"]).to(device)
+    return model, eval_loader(data, batch_size, split=split, subset=subset, seed=seed), info

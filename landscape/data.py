@@ -481,7 +481,7 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0]))
 
 
-_SUBSET, _NOISE, _LOADER = 1, 2, 3  # streams of _generator(seed, stream, ...)
+_SUBSET, _NOISE, _LOADER, _EVAL = 1, 2, 3, 4  # streams of _generator(seed, stream, ...)
 
 
 def load_dataset(
@@ -707,11 +707,29 @@ def train_loader(
     )
 
 
-def eval_loader(ds: Dataset, batch_size: int = 1000, *, split: str = "test") -> Loader:
-    """Unshuffled, unaugmented loader for evaluation over ``split`` ("test" or "train")."""
+def eval_loader(
+    ds: Dataset,
+    batch_size: int = 1000,
+    *,
+    split: str = "test",
+    subset: int | None = None,
+    seed: int = 0,
+) -> Loader:
+    """Unshuffled, unaugmented loader for evaluation over ``split`` ("test" or "train").
+
+    ``subset=N`` keeps a fixed seeded random subset of N samples (in their original
+    order), so measurements repeated every epoch see the same data.
+    """
     if split not in ("test", "train"):
         raise UserError(f"split must be 'test' or 'train', got {split!r}")
-    return Loader(getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y"), batch_size)
+    x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
+    if subset is not None and subset < len(y):
+        if subset < 1:
+            raise UserError(f"subset must be >= 1, got {subset}")
+        keep = torch.randperm(len(y), generator=_generator(seed, _EVAL))[:subset].sort().values
+        keep = keep.to(x.device)
+        x, y = x[keep], y[keep]
+    return Loader(x, y, batch_size)
 
 
 class _OnDevice:

@@ -238,3 +238,37 @@ def read_run(path: str | Path) -> Run:
         for g in f.get(SURFACE, []):
             run.surfaces[int(g.split("_")[-1])] = f"{SURFACE}/{g}"
     return run
+
+
+def write_results(
+    path: str | Path,
+    results: Mapping[str, Any],
+    attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """A measurement file (the CLIs' ``--out``): ``measure/<name>`` datasets as in run
+    files but without the epoch axis, each measure's settings as its attributes, and
+    ``meta`` (checkpoint, split, ...) as root attributes. Adds to an existing file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with editing(path, create=True) as f:
+        f.attrs["landscape_version"] = __version__
+        for k, v in (meta or {}).items():
+            f.attrs[k] = _attr_value(v)
+        for name, value in results.items():
+            key = f"{MEASURE}/{name}"
+            if key in f:
+                del f[key]
+            f[key] = np.asarray(value, dtype=np.float64)
+            for k, v in (attrs or {}).get(name, {}).items():
+                f[key].attrs[k] = _attr_value(v)
+
+
+def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """``(values, attrs)`` of the measures in a file written by :func:`write_results`."""
+    with _open(path) as f:
+        if MEASURE not in f:
+            raise UserError(f"{path} holds no measurements (no '{MEASURE}' group)")
+        values = {n: ds[()] for n, ds in f[MEASURE].items()}
+        attrs = {n: {k: _decode(v) for k, v in ds.attrs.items()} for n, ds in f[MEASURE].items()}
+    return values, attrs

@@ -605,3 +605,14 @@ def test_loader_same_batches_on_cuda():
     gpu.set_epoch(1)
     for (a, b), (c, d) in zip(cpu, gpu, strict=True):
         assert c.is_cuda and torch.equal(a, c.cpu()) and torch.equal(b, d.cpu())
+
+
+def test_eval_loader_subset_is_fixed_and_seeded():
+    ds = data.load_dataset("synthetic", n_train=50, n_test=20)
+    a = collect(data.eval_loader(ds, 8, split="train", subset=10, seed=3))
+    b = collect(data.eval_loader(ds, 8, split="train", subset=10, seed=3))
+    c = collect(data.eval_loader(ds, 8, split="train", subset=10, seed=4))
+    assert a[0].shape[0] == 10 and torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    rows = [int((ds.train_x == r).all(dim=(1, 2, 3)).nonzero()) for r in a[0]]
+    assert rows == sorted(rows) and all(torch.equal(ds.train_y[i], t) for i, t in zip(rows, a[1]))
+    assert collect(data.eval_loader(ds, 8, subset=100))[0].shape[0] == 20  # larger: all

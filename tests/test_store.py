@@ -98,3 +98,21 @@ def test_read_errors(tmp_path):
         f["x"] = 1
     with pytest.raises(UserError, match="not a landscape run file"):
         read_run(tmp_path / "other.h5")
+
+
+def test_results_file_round_trip(tmp_path):
+    from landscape.store import read_results, write_results
+
+    path = tmp_path / "m.h5"
+    write_results(
+        path,
+        {"hessian_top": [3.0, 1.0]},
+        {"hessian_top": {"k": 2, "tol": 1e-3}},
+        meta={"checkpoint": "a.pt", "config": {"split": "train"}},
+    )
+    write_results(path, {"m_sharpness": 0.25}, {"m_sharpness": {"rho": 0.05}})
+    values, attrs = read_results(path)
+    np.testing.assert_array_equal(values["hessian_top"], [3.0, 1.0])
+    assert values["m_sharpness"] == 0.25 and attrs["hessian_top"] == {"k": 2, "tol": 1e-3}
+    with h5py.File(path, "r") as f:
+        assert f.attrs["checkpoint"] == "a.pt" and json.loads(f.attrs["config"])["split"] == "train"
