@@ -252,3 +252,35 @@ def run(main: Callable[[], int | None], prog: str) -> None:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def write_output(
+    path: str | Path,
+    results: dict[str, Any],
+    attrs: dict[str, dict[str, Any]],
+    meta: dict[str, Any],
+) -> None:
+    """A measurement CLI's ``--out``: HDF5 (``.h5``/``.hdf5``, through :mod:`landscape.store`)
+    or JSON (``.json``), by extension."""
+    import numpy as np
+
+    from .store import write_results
+
+    suffix = Path(path).suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        write_results(path, results, attrs, meta)
+    elif suffix == ".json":
+        data = {
+            **meta,
+            "results": {k: np.asarray(v).tolist() for k, v in results.items()},
+            "settings": attrs,
+        }
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    else:
+        raise UserError(f"--out {path}: use a .h5 or .json file name")
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -30,7 +30,7 @@ from . import checkpoint, cli, optim
 from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
 from .models import create_model, model_names
 from .store import RunLog
-from .utils import UserError, evaluate_batches
+from .utils import UserError, evaluate_batches, resolve_device
 
 RUN_FILE = "run.h5"
 LAST = "last.pt"
@@ -200,18 +200,6 @@ def lr_lambda(
         return 1.0
 
     return factor
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    return device
 
 
 SAM_OPTIONS = ("rho", "eta", "adaptive", "k", "alpha", "rho_min", "sigma", "lmbda", "m")

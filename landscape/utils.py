@@ -34,6 +34,19 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return device
+
+
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` pairs of the parameters that require grad, in model order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

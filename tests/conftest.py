@@ -16,3 +16,13 @@ def _no_network(monkeypatch):
         raise urllib.error.URLError("network disabled in tests")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A small run of the real trainer on digits (2 epochs, checkpoints each epoch)."""
+    from landscape.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = TrainConfig(epochs=2, save_every=1, out=str(out), progress=False, label_noise=0.1)
+    return train(cfg)
