@@ -9,6 +9,8 @@ from collections.abc import Sequence
 COMMANDS = {
     "demo": ("landscape.demo", "compare optimizers on the embedded digits dataset"),
     "train": ("landscape.train", "train a model; log every epoch to HDF5, checkpoint"),
+    "sharpness": ("landscape.sharpness", "m-sharpness or adaptive sharpness of a checkpoint"),
+    "hessian": ("landscape.hessian", "Hessian eigenvalues, trace and density of a checkpoint"),
 }
 
 

@@ -40,8 +40,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from tqdm import tqdm
 
-from landscape.optim.functional import extra_pass
-from landscape.utils import (
+from . import cli
+from .optim.functional import extra_pass
+from .utils import (
     Batches,
     LossFn,
     UserError,
@@ -728,3 +729,124 @@ def density(
     :func:`density_from_slq` (see both for the defaults)."""
     r = slq(model, loss_fn, batches, n_v, steps, seed, train_mode, backend, progress)
     return density_from_slq(r.nodes, r.weights, grid, sigma)
+
+
+# --------------------------------------------------------------------------- command line
+
+PROG = "python -m landscape.hessian"
+
+
+@dataclass
+class HessianConfig:
+    """Curvature of a trained checkpoint: top (and bottom) Hessian eigenvalues, trace and
+    spectral density of the loss over a dataset split."""
+
+    checkpoint: str = cli.arg(help="checkpoint written by landscape.train", positional=True)
+    top: int = cli.arg(1, help="number of largest eigenvalues (0: none)")
+    smallest: int = cli.arg(0, help="number of smallest eigenvalues (0: none)")
+    trace: bool = cli.arg(False, help="estimate the trace")
+    density: bool = cli.arg(False, help="spectral density by stochastic Lanczos quadrature")
+    tol: float = cli.arg(1e-3, help="eigenvalues: relative residual tolerance")
+    method: str = cli.arg("lanczos", choices=["lanczos", "power"], help="eigenvalue solver")
+    trace_method: str = cli.arg("hutch++", choices=["hutch++", "hutchinson"], help="trace")
+    n_v: int = cli.arg(1, help="density: random start vectors")
+    steps: int = cli.arg(100, help="density: Lanczos steps per vector")
+    split: str = cli.arg("train", choices=["train", "test"], help="data to measure on")
+    subset: int | None = cli.arg(None, help="a fixed random subset of N samples (default: all)")
+    batch_size: int = cli.arg(1024, help="batch size of the Hessian-vector products")
+    train_mode: bool = cli.arg(False, help="BatchNorm with batch statistics (default: eval mode)")
+    seed: int = cli.arg(0, help="seed of the subset and the random vectors")
+    device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    data_root: str | None = cli.arg(None, help="dataset cache directory")
+    out: str | None = cli.arg(None, help="also write the results to FILE.h5 or FILE.json")
+    progress: bool = cli.arg(True, help="progress bars")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .checkpoint import load_with_data
+    from .utils import resolve_device
+
+    def run() -> int:
+        cfg, _ = cli.parse(HessianConfig, argv, PROG)
+        _check(cfg.top or cfg.smallest or cfg.trace or cfg.density, "nothing to compute")
+        model, batches, _ = load_with_data(
+            cfg.checkpoint,
+            split=cfg.split,
+            subset=cfg.subset,
+            batch_size=cfg.batch_size,
+            device=resolve_device(cfg.device),
+            seed=cfg.seed,
+            data_root=cfg.data_root,
+        )
+        loss_fn = nn.CrossEntropyLoss()
+        common = {"seed": cfg.seed, "train_mode": cfg.train_mode, "progress": cfg.progress}
+        values: dict[str, object] = {}
+        attrs: dict[str, dict[str, object]] = {}
+        mode = "train" if cfg.train_mode else "eval"
+        rows = [
+            (
+                "data",
+                f"{cfg.split}, {getattr(batches, 'num_samples', '?')} samples, "
+                f"{mode}-mode BatchNorm",
+            )
+        ]
+        for name, k, which in (
+            ("hessian_top", cfg.top, "LA"),
+            ("hessian_bottom", cfg.smallest, "SA"),
+        ):
+            if not k:
+                continue
+            r = top_eigenvalues(model, loss_fn, batches, k, cfg.tol, which, cfg.method, **common)
+            values[name] = r.values
+            values[f"{name}_residuals"] = r.residuals
+            attrs[name] = {
+                "k": k,
+                "tol": r.tol,
+                "which": which,
+                "method": r.method,
+                "n_hvp": r.n_hvp,
+                "seed": cfg.seed,
+                "train_mode": cfg.train_mode,
+            }
+            shown = ", ".join(f"{v:.6g}" for v in r.values)
+            label = "largest" if which == "LA" else "smallest"
+            rows.append((f"{label} eigenvalues", f"{shown}  ({r.n_hvp} HVPs)"))
+        if cfg.trace:
+            r = trace(model, loss_fn, batches, method=cfg.trace_method, **common)
+            values["hessian_trace"], values["hessian_trace_stderr"] = r.value, r.stderr
+            attrs["hessian_trace"] = {
+                "method": r.method,
+                "n_hvp": r.n_hvp,
+                "seed": cfg.seed,
+                "train_mode": cfg.train_mode,
+            }
+            rows.append(("trace", f"{r.value:.6g} +- {r.stderr:.2g}  ({r.method}, {r.n_hvp} HVPs)"))
+        if cfg.density:
+            r = slq(model, loss_fn, batches, cfg.n_v, cfg.steps, **common)
+            values["density_nodes"], values["density_weights"] = r.nodes, r.weights
+            attrs["density_nodes"] = {
+                "n_v": cfg.n_v,
+                "steps": cfg.steps,
+                "n_hvp": r.n_hvp,
+                "seed": cfg.seed,
+                "train_mode": cfg.train_mode,
+            }
+            rows.append(
+                (
+                    "density",
+                    f"{cfg.n_v} x {r.nodes.shape[1]} Lanczos nodes in "
+                    f"[{r.nodes.min():.4g}, {r.nodes.max():.4g}]",
+                )
+            )
+        print(cli.table(rows))
+        if cfg.out:
+            meta = {"checkpoint": cfg.checkpoint, "config": cli.to_dict(cfg)}
+            cli.write_output(cfg.out, values, attrs, meta)
+            print(f"written to {cfg.out}")
+        return 0
+
+    cli.run(run, PROG)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, cli, optim
+from . import checkpoint, cli, measures, optim
 from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
 from .models import create_model, model_names
 from .store import RunLog
@@ -115,6 +115,25 @@ class TrainConfig:
     warmup_epochs: float = cli.arg(0.0, help="linear warmup length in epochs (may be fractional)")
     label_smoothing: float = cli.arg(0.0, help="label smoothing of the training loss")
     grad_clip: float | None = cli.arg(None, help="clip the gradient's global L2 norm to this")
+    # per-epoch measurements
+    measure: list[str] = cli.arg(
+        [],
+        help="measures to log per epoch: m_sharpness, adaptive_sharpness, hessian_top, "
+        "hessian_trace, density",
+        metavar="NAMES",
+    )
+    measure_every: int = cli.arg(1, help="measure every N epochs (and after the last)")
+    measure_subset: int | None = cli.arg(
+        1024, help="measure on a fixed random subset of N training images (none: all)"
+    )
+    sharpness_rho: float = cli.arg(0.05, help="m_sharpness: radius")
+    sharpness_m: int = cli.arg(128, help="m_sharpness, adaptive_sharpness: samples per chunk")
+    adaptive_rho: float = cli.arg(0.002, help="adaptive_sharpness: radius")
+    adaptive_norm: str = cli.arg("linf", choices=["l2", "linf"], help="adaptive_sharpness: norm")
+    adaptive_kind: str = cli.arg(
+        "worst", choices=["worst", "average"], help="adaptive_sharpness: worst or average case"
+    )
+    hessian_k: int = cli.arg(1, help="hessian_top: number of top eigenvalues")
     # runtime
     device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     precision: str = cli.arg(
@@ -162,6 +181,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        measures.check_names(self.measure)
+        if self.measure_every < 1 or self.hessian_k < 1 or self.sharpness_m < 1:
+            raise UserError("--measure-every, --hessian-k and --sharpness-m must be positive")
         if (self.optimizer == "lastsam") != (self.sam_epochs is not None):
             raise UserError("--sam-epochs goes with --optimizer lastsam (and it needs it)")
         if self.sam_epochs is not None and not 0 <= self.sam_epochs <= self.epochs:
@@ -258,6 +280,12 @@ class Trainer:
             data, cfg.batch_size, augment=augment, drop_last=cfg.drop_last, seed=cfg.seed
         )
         self.test_batches = eval_loader(data, cfg.eval_batch_size)
+        self.measure_batches = eval_loader(
+            data, cfg.eval_batch_size, split="train", subset=cfg.measure_subset, seed=cfg.seed
+        )
+        self.measure_settings = measures.MeasureSettings(
+            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(measures.MeasureSettings)}
+        )
         if len(self.train_batches) == 0:
             raise UserError(
                 f"--batch-size {cfg.batch_size} with --drop-last leaves no training batch"
@@ -430,23 +458,45 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "time_s": time.perf_counter() - start,
                 }
+                values, attrs = {}, {}
+                if cfg.measure and (
+                    self.epoch % cfg.measure_every == 0 or self.epoch == cfg.epochs
+                ):
+                    values, attrs = measures.measure(
+                        cfg.measure,
+                        self.model,
+                        self.eval_loss,
+                        self.measure_batches,
+                        self.measure_settings,
+                    )
                 # Log first, then checkpoint: a kill in between redoes this epoch on resume.
-                self.log.append(self.epoch, metrics)
+                self.log.append(self.epoch, metrics, values, attrs)
                 self._save(self.out / LAST, metrics)
                 if cfg.save_every and self.epoch % cfg.save_every == 0:
                     shutil.copyfile(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")
-                tqdm.write(format_epoch(self.epoch, cfg.epochs, metrics), file=sys.stderr)
+                tqdm.write(format_epoch(self.epoch, cfg.epochs, metrics, values), file=sys.stderr)
         self.log.set_status("finished")
         return metrics
 
 
-def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
-    return (
+SHOWN = ("m_sharpness", "adaptive_sharpness", "hessian_top", "hessian_trace")
+
+
+def format_epoch(
+    epoch: int, epochs: int, m: dict[str, float], values: dict[str, Any] | None = None
+) -> str:
+    """One line per epoch: metrics, then the scalar measures (top eigenvalue first)."""
+    line = (
         f"epoch {epoch:>{len(str(epochs))}}/{epochs}  "
         f"train loss {m['train/loss']:.4f} acc {100 * m['train/acc']:5.1f}%  "
         f"test loss {m['test/loss']:.4f} acc {100 * m['test/acc']:5.1f}%  "
         f"lr {m['lr']:.3g}  {m['time_s']:.1f}s"
     )
+    for name in SHOWN:
+        if values and name in values:
+            v = values[name]
+            line += f"  {name} {(v[0] if isinstance(v, list | tuple) else v):.4g}"
+    return line
 
 
 def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:

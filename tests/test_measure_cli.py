@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from landscape import sharpness
@@ -78,3 +79,94 @@ def test_sharpness_cli_errors(trained_run, capsys, args, message):
 def test_sharpness_cli_missing_checkpoint(tmp_path, capsys):
     assert run(sharpness, [str(tmp_path / "nope.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_hessian_cli_table_and_h5(trained_run, tmp_path, capsys):
+    from landscape import hessian
+
+    h5 = tmp_path / "h.h5"
+    argv = [
+        str(trained_run / "last.pt"),
+        "--top",
+        "2",
+        "--smallest",
+        "1",
+        "--trace",
+        "--density",
+        "--steps",
+        "20",
+        "--subset",
+        "128",
+        "--out",
+        str(h5),
+        "--no-progress",
+    ]
+    assert run(hessian, argv) == 0
+    out = capsys.readouterr().out
+    assert "largest eigenvalues" in out and "trace" in out and "density" in out
+    values, attrs = read_results(h5)
+    assert (
+        values["hessian_top"].shape == (2,) and values["hessian_top"][0] >= values["hessian_top"][1]
+    )
+    assert values["hessian_bottom"][0] <= values["hessian_top"][1]
+    assert values["density_nodes"].shape == (1, 20)
+    assert attrs["hessian_trace"]["method"] == "hutch++"
+
+
+def test_hessian_cli_nothing_to_do(trained_run, capsys):
+    from landscape import hessian
+
+    assert run(hessian, [str(trained_run / "last.pt"), "--top", "0"]) == 2
+    assert "nothing to compute" in capsys.readouterr().err
+
+
+def test_per_epoch_measures_in_training(tmp_path):
+    from landscape.hessian import density_from_slq
+    from landscape.store import read_run
+    from landscape.train import TrainConfig, train
+
+    names = ["m_sharpness", "adaptive_sharpness", "hessian_top", "hessian_trace", "density"]
+    cfg = TrainConfig(
+        dataset="synthetic",
+        model="mlp",
+        epochs=3,
+        measure=names,
+        measure_every=2,
+        measure_subset=64,
+        hessian_k=2,
+        out=str(tmp_path),
+        progress=False,
+    )
+    train(cfg)
+    run_ = read_run(tmp_path / "run.h5")
+    top = run_.measures["hessian_top"]
+    assert top.shape == (3, 2) and np.isnan(top[0]).all() and not np.isnan(top[[1, 2]]).any()
+    assert (top[1:, 0] >= top[1:, 1]).all()
+    for name in ("m_sharpness", "adaptive_sharpness", "hessian_trace", "hessian_trace_stderr"):
+        assert np.isnan(run_.measures[name][0]) and np.isfinite(run_.measures[name][1:]).all()
+    assert run_.measure_attrs["m_sharpness"]["rho"] == 0.05
+    assert run_.measure_attrs["adaptive_sharpness"]["norm"] == "linf"
+    grid, dens = density_from_slq(
+        run_.measures["density_nodes"][2], run_.measures["density_weights"][2]
+    )
+    assert np.trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_measuring_leaves_training_untouched(tmp_path):
+    """Measures use their own RNGs and restore the model: with SimpleCNN's dropout drawing
+    from the global RNG, the training curves with and without measures are identical, and
+    two measured runs give identical measures."""
+    from landscape.store import read_run
+    from landscape.train import TrainConfig, train
+
+    measured = dict(measure=["hessian_top", "m_sharpness", "adaptive_sharpness"], measure_subset=64)
+    runs = {}
+    for name, extra in (("plain", {}), ("a", measured), ("b", measured)):
+        out = train(
+            TrainConfig(epochs=2, subset=256, out=str(tmp_path / name), progress=False, **extra)
+        )
+        runs[name] = read_run(out / "run.h5")
+    for key in ("train/loss", "test/loss", "test/acc"):
+        np.testing.assert_array_equal(runs["plain"].metrics[key], runs["a"].metrics[key])
+    for name in measured["measure"]:
+        np.testing.assert_array_equal(runs["a"].measures[name], runs["b"].measures[name])
