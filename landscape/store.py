@@ -272,3 +272,140 @@ def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, dic
         values = {n: ds[()] for n, ds in f[MEASURE].items()}
         attrs = {n: {k: _decode(v) for k, v in ds.attrs.items()} for n, ds in f[MEASURE].items()}
     return values, attrs
+
+
+# -- surfaces ---------------------------------------------------------------------------------
+
+DONE = "done"
+DIRECTIONS = "directions"
+TRAJECTORY = "trajectory"
+
+
+@dataclass
+class Surface:
+    """A loss surface: ``values[f"{split}_{loss|acc}"]`` has shape ``(len(y), len(x))``
+    (entry ``[j, i]`` at ``(x[i], y[j])``, matplotlib's ``contour(x, y, z)`` order) or
+    ``(len(x),)`` in 1D; NaN where ``done`` is False. ``directions[k]`` maps parameter
+    (and buffer) names to arrays; ``trajectory`` holds the PCA coordinates of the
+    checkpoints, if any."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    values: dict[str, np.ndarray]
+    done: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+    directions: list[dict[str, np.ndarray]] = field(default_factory=list)
+    direction_attrs: dict[str, Any] = field(default_factory=dict)
+    trajectory: np.ndarray | None = None
+    trajectory_attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.x),) if self.y is None else (len(self.y), len(self.x))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+
+def _group(f: h5py.File, group: str) -> h5py.Group:
+    return f.require_group(group) if group not in ("", "/") else f
+
+
+def write_surface(
+    path: str | Path,
+    surface: Surface,
+    group: str = "/",
+) -> None:
+    """Write ``surface`` (all its arrays, directions, trajectory and attributes) at
+    ``group`` of ``path`` (created if needed; an existing group is replaced)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with editing(path, create=True) as f:
+        f.attrs.setdefault("landscape_version", __version__)
+        if group not in ("", "/") and group in f:
+            del f[group]
+        g = _group(f, group)
+        for name in ("xcoordinates", "ycoordinates", DONE, *SURFACE_ARRAYS, DIRECTIONS, TRAJECTORY):
+            if name in g:
+                del g[name]
+        g["xcoordinates"] = np.asarray(surface.x, dtype=np.float64)
+        if surface.y is not None:
+            g["ycoordinates"] = np.asarray(surface.y, dtype=np.float64)
+        g[DONE] = np.asarray(surface.done, dtype=bool)
+        for name, arr in surface.values.items():
+            if name not in SURFACE_ARRAYS:
+                raise ValueError(f"unknown surface array {name!r}; use {SURFACE_ARRAYS}")
+            g[name] = np.asarray(arr, dtype=np.float64)
+        for k, v in surface.attrs.items():
+            g.attrs[k] = _attr_value(v)
+        if surface.directions:
+            d = g.create_group(DIRECTIONS)
+            for k, v in surface.direction_attrs.items():
+                d.attrs[k] = _attr_value(v)
+            for i, direction in enumerate(surface.directions):
+                sub = d.create_group("xy"[i] if len(surface.directions) <= 2 else str(i))
+                for name, arr in direction.items():
+                    sub[name] = np.asarray(arr)
+        if surface.trajectory is not None:
+            g[TRAJECTORY] = np.asarray(surface.trajectory, dtype=np.float64)
+            for k, v in surface.trajectory_attrs.items():
+                g[TRAJECTORY].attrs[k] = _attr_value(v)
+
+
+def write_surface_points(
+    path: str | Path,
+    index: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    group: str = "/",
+) -> None:
+    """Fill the points with flat (C-order) indices ``index`` of an existing surface and
+    mark them done: what a resumable or distributed evaluation writes chunk by chunk."""
+    index = np.asarray(index, dtype=np.int64)
+    with editing(path) as f:
+        g = _group(f, group)
+        done = g[DONE][()]
+        flat = done.reshape(-1)
+        flat[index] = True
+        g[DONE][...] = done
+        for name, v in values.items():
+            arr = g[name][()]
+            arr.reshape(-1)[index] = np.asarray(v, dtype=np.float64)
+            g[name][...] = arr
+
+
+def read_surface(path: str | Path, group: str = "/") -> Surface:
+    """Load a surface written by :func:`write_surface` (or by Li et al.'s loss-landscape
+    tool: its ``xcoordinates``/``ycoordinates``/``*_loss``/``*_acc`` datasets)."""
+    with _open(path) as f:
+        if group not in ("", "/") and group not in f:
+            raise UserError(f"{path} has no surface group {group!r}")
+        g = _group(f, group)
+        if "xcoordinates" not in g:
+            raise UserError(f"{path}:{group} is not a surface (no 'xcoordinates')")
+        x = g["xcoordinates"][()]
+        y = g["ycoordinates"][()] if "ycoordinates" in g else None
+        values = {n: g[n][()] for n in SURFACE_ARRAYS if n in g}
+        shape = (len(x),) if y is None else (len(y), len(x))
+        done = g[DONE][()] if DONE in g else np.ones(shape, dtype=bool)
+        surface = Surface(
+            x=x,
+            y=y,
+            values=values,
+            done=done,
+            attrs={k: _decode(v) for k, v in g.attrs.items() if k != "landscape_version"},
+        )
+        if DIRECTIONS in g:
+            d = g[DIRECTIONS]
+            surface.direction_attrs = {k: _decode(v) for k, v in d.attrs.items()}
+            surface.directions = [
+                {n: ds[()] for n, ds in d[k].items()} for k in sorted(d, key=_direction_order)
+            ]
+        if TRAJECTORY in g:
+            surface.trajectory = g[TRAJECTORY][()]
+            surface.trajectory_attrs = {k: _decode(v) for k, v in g[TRAJECTORY].attrs.items()}
+    return surface
+
+
+def _direction_order(name: str) -> tuple[int, str]:
+    return ({"x": 0, "y": 1}.get(name, 2), name)

@@ -116,3 +116,71 @@ def test_results_file_round_trip(tmp_path):
     assert values["m_sharpness"] == 0.25 and attrs["hessian_top"] == {"k": 2, "tol": 1e-3}
     with h5py.File(path, "r") as f:
         assert f.attrs["checkpoint"] == "a.pt" and json.loads(f.attrs["config"])["split"] == "train"
+
+
+def test_surface_round_trip_non_square_and_points(tmp_path):
+    from landscape.store import Surface, read_surface, write_surface, write_surface_points
+
+    x, y = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 3)
+    nan = np.full((3, 5), np.nan)
+    s = Surface(
+        x=x,
+        y=y,
+        values={"train_loss": nan.copy(), "train_acc": nan.copy()},
+        done=np.zeros((3, 5), bool),
+        attrs={"seed": 0, "config": {"split": "train"}},
+        directions=[{"w": np.ones((2, 2))}, {"w": -np.ones((2, 2))}],
+        direction_attrs={"normalization": "filter"},
+        trajectory=np.zeros((4, 2)),
+        trajectory_attrs={"explained_variance": [0.9, 0.05]},
+    )
+    path = tmp_path / "surf.h5"
+    write_surface(path, s)
+    # points 7 = (j=1, i=2) and 14 = (j=2, i=4), in C order over (ny, nx)
+    write_surface_points(path, [7, 14], {"train_loss": [1.5, 2.5], "train_acc": [0.5, 0.25]})
+    r = read_surface(path)
+    assert r.shape == (3, 5) and r.values["train_loss"].shape == (3, 5)
+    assert r.values["train_loss"][1, 2] == 1.5 and r.values["train_loss"][2, 4] == 2.5
+    assert r.done.sum() == 2 and r.done[1, 2] and not r.complete
+    assert np.isnan(r.values["train_loss"][0, 0])
+    assert r.attrs == {"seed": 0, "config": {"split": "train"}}
+    np.testing.assert_array_equal(r.directions[1]["w"], -np.ones((2, 2)))
+    assert r.direction_attrs["normalization"] == "filter"
+    assert r.trajectory_attrs["explained_variance"] == [0.9, 0.05]
+
+
+def test_surfaces_in_run_file_are_listed_and_truncated(tmp_path):
+    from landscape.store import Surface, read_surface, surface_group, write_surface
+
+    log = RunLog.create(tmp_path / "run.h5", {})
+    for e in (1, 2):
+        log.append(e, metrics(1.0))
+        line = Surface(
+            x=np.linspace(-1, 1, 3),
+            y=None,
+            values={"train_loss": np.full(3, e)},
+            done=np.ones(3, bool),
+        )
+        write_surface(log.path, line, group=surface_group(e))
+    assert read_run(log.path).surfaces == {1: "surface/epoch_001", 2: "surface/epoch_002"}
+    assert read_surface(log.path, "surface/epoch_002").values["train_loss"][0] == 2
+    log.truncate(1)
+    assert list(read_run(log.path).surfaces) == [1]
+
+
+def test_reads_a_loss_landscape_style_file(tmp_path):
+    from landscape.store import read_surface
+
+    with h5py.File(tmp_path / "ll.h5", "w") as f:
+        f["xcoordinates"] = np.linspace(-1, 1, 4)
+        f["ycoordinates"] = np.linspace(-1, 1, 4)
+        f["train_loss"] = np.arange(16.0).reshape(4, 4)
+    s = read_surface(tmp_path / "ll.h5")
+    assert s.complete and s.values["train_loss"][3, 0] == 12.0
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(UserError, match="not a surface"):
+        read_surface(other)
+    with pytest.raises(UserError, match="no surface group"):
+        read_surface(other, "surface/epoch_001")
