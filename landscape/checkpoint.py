@@ -16,14 +16,15 @@ Writes are atomic (temporary file + rename), so a crash never leaves half a chec
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
-from .utils import UserError
+from . import __version__, cli
+from .utils import UserError, resolve_device
 
 FORMAT = "landscape.checkpoint"
 VERSION = 1
@@ -146,3 +147,28 @@ def load_with_data(
         raise UserError(f"{path} does not name its dataset; measure it from Python instead")
     data = load_dataset(root=data_root, **info["data"]).to(device)
     return model, eval_loader(data, batch_size, split=split, subset=subset, seed=seed), info
+
+
+@dataclass
+class CheckpointData:
+    """The settings every CLI that measures a checkpoint shares: which data, on what."""
+
+    checkpoint: str = cli.arg(help="checkpoint written by landscape.train", positional=True)
+    split: str = cli.arg("train", choices=["train", "test"], help="data to measure on")
+    subset: int | None = cli.arg(None, help="a fixed random subset of N samples (default: all)")
+    batch_size: int = cli.arg(1024, help="evaluation batch size")
+    seed: int = cli.arg(0, help="seed of the subset and of any random vectors or draws")
+    device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    data_root: str | None = cli.arg(None, help="dataset cache directory")
+
+    def load(self) -> tuple[nn.Module, Any, dict[str, Any]]:
+        """:func:`load_with_data` with these settings."""
+        return load_with_data(
+            self.checkpoint,
+            split=self.split,
+            subset=self.subset,
+            batch_size=self.batch_size,
+            device=resolve_device(self.device),
+            seed=self.seed,
+            data_root=self.data_root,
+        )

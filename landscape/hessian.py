@@ -41,6 +41,7 @@ from torch.func import functional_call, grad, jvp
 from tqdm import tqdm
 
 from . import cli
+from .checkpoint import CheckpointData
 from .optim.functional import extra_pass
 from .utils import (
     Batches,
@@ -737,11 +738,10 @@ PROG = "python -m landscape.hessian"
 
 
 @dataclass
-class HessianConfig:
+class HessianConfig(CheckpointData):
     """Curvature of a trained checkpoint: top (and bottom) Hessian eigenvalues, trace and
     spectral density of the loss over a dataset split."""
 
-    checkpoint: str = cli.arg(help="checkpoint written by landscape.train", positional=True)
     top: int = cli.arg(1, help="number of largest eigenvalues (0: none)")
     smallest: int = cli.arg(0, help="number of smallest eigenvalues (0: none)")
     trace: bool = cli.arg(False, help="estimate the trace")
@@ -751,33 +751,16 @@ class HessianConfig:
     trace_method: str = cli.arg("hutch++", choices=["hutch++", "hutchinson"], help="trace")
     n_v: int = cli.arg(1, help="density: random start vectors")
     steps: int = cli.arg(100, help="density: Lanczos steps per vector")
-    split: str = cli.arg("train", choices=["train", "test"], help="data to measure on")
-    subset: int | None = cli.arg(None, help="a fixed random subset of N samples (default: all)")
-    batch_size: int = cli.arg(1024, help="batch size of the Hessian-vector products")
     train_mode: bool = cli.arg(False, help="BatchNorm with batch statistics (default: eval mode)")
-    seed: int = cli.arg(0, help="seed of the subset and the random vectors")
-    device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    data_root: str | None = cli.arg(None, help="dataset cache directory")
     out: str | None = cli.arg(None, help="also write the results to FILE.h5 or FILE.json")
     progress: bool = cli.arg(True, help="progress bars")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .checkpoint import load_with_data
-    from .utils import resolve_device
-
     def run() -> int:
         cfg, _ = cli.parse(HessianConfig, argv, PROG)
         _check(cfg.top or cfg.smallest or cfg.trace or cfg.density, "nothing to compute")
-        model, batches, _ = load_with_data(
-            cfg.checkpoint,
-            split=cfg.split,
-            subset=cfg.subset,
-            batch_size=cfg.batch_size,
-            device=resolve_device(cfg.device),
-            seed=cfg.seed,
-            data_root=cfg.data_root,
-        )
+        model, batches, _ = cfg.load()
         loss_fn = nn.CrossEntropyLoss()
         common = {"seed": cfg.seed, "train_mode": cfg.train_mode, "progress": cfg.progress}
         values: dict[str, object] = {}

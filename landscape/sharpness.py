@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cli
+from .checkpoint import CheckpointData
 from .optim.functional import ascent_direction, global_norm
 from .utils import (
     Batches,
@@ -610,11 +611,10 @@ PROG = "python -m landscape.sharpness"
 
 
 @dataclass
-class SharpnessConfig:
+class SharpnessConfig(CheckpointData):
     """Sharpness of a trained checkpoint: m-sharpness (default), or adaptive worst-case
     (--worst) / average-case (--average) sharpness."""
 
-    checkpoint: str = cli.arg(help="checkpoint written by landscape.train", positional=True)
     rho: float = cli.arg(0.05, help="radius of the perturbation")
     m: int = cli.arg(128, help="samples per chunk (each chunk gets its own perturbation)")
     adaptive: bool = cli.arg(False, help="scale the perturbation elementwise by |w| (+ eta)")
@@ -625,33 +625,16 @@ class SharpnessConfig:
     steps: int = cli.arg(20, help="--worst: ascent steps per chunk")
     n_draws: int = cli.arg(20, help="--average: random draws per chunk")
     random_init: bool = cli.arg(False, help="--worst: start from a random point of the set")
-    split: str = cli.arg("train", choices=["train", "test"], help="data to measure on")
-    subset: int | None = cli.arg(None, help="a fixed random subset of N samples (default: all)")
-    batch_size: int = cli.arg(1024, help="evaluation batch size")
     train_mode: bool = cli.arg(False, help="BatchNorm with batch statistics (default: eval mode)")
-    seed: int = cli.arg(0, help="seed of the subset and the random draws")
-    device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    data_root: str | None = cli.arg(None, help="dataset cache directory")
     out: str | None = cli.arg(None, help="also write the result to FILE.h5 or FILE.json")
     progress: bool = cli.arg(True, help="progress bar")
 
 
 def measure_checkpoint(cfg: SharpnessConfig) -> SharpnessResult:
     """Run the measurement ``cfg`` describes on its checkpoint."""
-    from .checkpoint import load_with_data
-    from .utils import resolve_device
-
     if cfg.worst and cfg.average:
         raise UserError("--worst and --average exclude each other")
-    model, batches, _ = load_with_data(
-        cfg.checkpoint,
-        split=cfg.split,
-        subset=cfg.subset,
-        batch_size=cfg.batch_size,
-        device=resolve_device(cfg.device),
-        seed=cfg.seed,
-        data_root=cfg.data_root,
-    )
+    model, batches, _ = cfg.load()
     loss_fn = nn.CrossEntropyLoss()
     common = {"train_mode": cfg.train_mode, "progress": cfg.progress}
     if not (cfg.worst or cfg.average):
