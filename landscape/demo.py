@@ -44,6 +44,7 @@ class DemoConfig:
     lr: float = cli.arg(0.05, help="learning rate of SGD-based runs")
     adam_lr: float = cli.arg(1e-3, help="learning rate of Adam-based runs")
     subset: int | None = cli.arg(None, help="train on N training images")
+    measure_subset: int = cli.arg(512, help="training images the per-epoch measures use")
     device: str = cli.arg("auto", help="auto, cpu, cuda")
     seed: int = cli.arg(0, help="seed shared by all runs")
     out: str = cli.arg("runs/demo", help="directory for the runs")
@@ -68,6 +69,8 @@ def run_config(cfg: DemoConfig, spec: str) -> TrainConfig:
         device=cfg.device,
         seed=cfg.seed,
         out=str(Path(cfg.out) / spec.replace(":", "-")),
+        measure=["m_sharpness", "hessian_top"],
+        measure_subset=cfg.measure_subset,
         overwrite=True,
         progress=cfg.progress,
         **extra,
@@ -95,14 +98,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def table(rows: list) -> str:
-    """Final train/test accuracy and loss per run."""
-    head = f"{'optimizer':<16}{'test acc':>9}{'test loss':>11}{'train acc':>11}{'time s':>8}"
+    """Final accuracy, curvature and sharpness per run (sharpness on the noisy labels)."""
+    head = (
+        f"{'optimizer':<16}{'test acc':>9}{'train acc':>11}{'top eig':>10}"
+        f"{'m-sharp':>10}{'time s':>8}"
+    )
     lines = [head, "-" * len(head)]
     for spec, r, seconds in rows:
         m = {k: v[-1] for k, v in r.metrics.items()}
+        top = r.measures["hessian_top"][-1][0]
+        sharp = r.measures["m_sharpness"][-1]
         lines.append(
-            f"{spec:<16}{100 * m['test/acc']:>8.1f}%{m['test/loss']:>11.4f}"
-            f"{100 * m['train/acc']:>10.1f}%{seconds:>8.1f}"
+            f"{spec:<16}{100 * m['test/acc']:>8.1f}%{100 * m['train/acc']:>10.1f}%"
+            f"{top:>10.3g}{sharp:>10.3g}{seconds:>8.1f}"
         )
     return "\n".join(lines)
 
