@@ -149,6 +149,11 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         if meta["metavar"]:
             kw["metavar"] = meta["metavar"]
         if meta["positional"]:
+            if typing.get_origin(base) is list:  # FILE ...: one or more values
+                (item,) = typing.get_args(base)
+                kw["nargs"] = "+" if default is dataclasses.MISSING else "*"
+                parser.add_argument(f.name, type=_converter(item), **kw)
+                continue
             if default is not dataclasses.MISSING:
                 kw["nargs"] = "?"
             parser.add_argument(f.name, type=_converter(tp), **kw)
@@ -206,7 +211,7 @@ def parse(
     (on the command line or in the TOML file)."""
     parser = build_parser(cls, prog, description or (cls.__doc__ or ""))
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = vars(parser.parse_args(_join_dash_values(parser, argv)))
+    ns = vars(parser.parse_intermixed_args(_join_dash_values(parser, argv)))
     fields = {f.name: (f, tp) for f, tp in _fields(cls)}
     values: dict[str, Any] = {}
     config_file = ns.pop("config", None)

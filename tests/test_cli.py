@@ -126,3 +126,13 @@ def test_run_turns_user_error_into_one_line(capsys):
 def test_dict_round_trip():
     cfg = Cfg(path="p", names=["q"], kw={"a": 1})
     assert cli.from_dict(Cfg, {**cli.to_dict(cfg), "unknown": 1}) == cfg
+
+
+def test_list_positional_takes_many_values():
+    @dataclass
+    class Files:
+        files: list[str] = cli.arg(help="inputs", positional=True)
+        out: str = cli.arg("figs", help="output")
+
+    cfg, _ = cli.parse(Files, ["a.h5", "--out", "x", "b,c.h5"], "prog")
+    assert cfg.files == ["a.h5", "b,c.h5"] and cfg.out == "x"

@@ -1,0 +1,5 @@
+"""``python -m landscape.plot``."""
+
+from .files import main
+
+main()

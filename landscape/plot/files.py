@@ -1,0 +1,145 @@
+"""Every figure a set of files supports, and ``python -m landscape.plot``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import cli
+from ..store import read_surface
+from ..utils import UserError
+from .common import check_formats, classify, run_name, save
+from .curves import curves, spectrum
+from .surfaces import export_vtp, landscape_over_time, splits, surface_1d, surface_2d, surface_3d
+from .surfaces import trajectory as trajectory_figure
+
+
+def surface_figures(
+    path: str | Path,
+    out_dir: str | Path,
+    formats: Sequence[str] = ("png", "pdf"),
+    *,
+    vtp: bool = False,
+    dpi: int = 300,
+) -> list[Path]:
+    """Every figure a surface file supports, as ``out_dir/<stem>_<figure>.<format>``: the
+    1D curve; or, per split with values, the contour, filled contour, heatmap, 3D plot and
+    (when stored) the trajectory, and with ``vtp`` a ParaView file. Returns the paths."""
+    check_formats(formats)
+    s = read_surface(path)
+    stem = Path(out_dir) / Path(path).stem
+    if s.y is None:
+        return save(surface_1d(s), f"{stem}_1d", formats, dpi)
+    if not splits(s):
+        raise UserError(f"{path}: the surface has no computed loss values (all NaN)")
+    written: list[Path] = []
+    for sp in splits(s):
+        for kind in ("contour", "filled", "heatmap"):
+            written += save(surface_2d(s, kind, split=sp), f"{stem}_{sp}_{kind}", formats, dpi)
+        written += save(surface_3d(s, split=sp), f"{stem}_{sp}_3d", formats, dpi)
+        if s.trajectory is not None:
+            fig = trajectory_figure(s, split=sp)
+            written += save(fig, f"{stem}_{sp}_trajectory", formats, dpi)
+        if vtp:
+            written.append(export_vtp(s, f"{stem}_{sp}", split=sp))
+    return written
+
+
+def plot_files(
+    files: Sequence[str | Path],
+    out_dir: str | Path,
+    formats: Sequence[str] = ("png", "pdf"),
+    *,
+    epoch: int | None = None,
+    log: bool | None = None,
+    top_k: str = "first",
+    vtp: bool = False,
+    dpi: int = 300,
+) -> tuple[list[Path], list[str]]:
+    """What ``python -m landscape.plot`` writes: the curves of all run files together
+    (``curves``), each run's spectrum and landscape over time (``<run>_spectrum``,
+    ``<run>_landscape_over_time``, when stored), each surface file's
+    :func:`surface_figures`, each results file's spectrum. Returns the paths written and
+    notes on what was skipped; a :class:`UserError` if nothing could be drawn."""
+    if not files:
+        raise UserError("no files given")
+    check_formats(formats)
+    loaded = [(Path(f), *classify(f)) for f in files]
+    out = Path(out_dir)
+    written: list[Path] = []
+    notes: list[str] = []
+    runs = [obj for _, kind, obj in loaded if kind == "run"]
+    if runs and any(len(r.epoch) for r in runs):
+        written += save(curves(runs, log=log, top_k=top_k), out / "curves", formats, dpi)
+    elif runs:
+        notes.append("the run files hold no epochs yet: no curves")
+    names = [run_name(p) for p, _, _ in loaded]
+    for i, (path, kind, obj) in enumerate(loaded):
+        name = names[i] if names.count(names[i]) == 1 else f"{names[i]}_{i + 1}"
+        if kind == "surface":
+            written += surface_figures(path, out, formats, vtp=vtp, dpi=dpi)
+            continue
+        if "density_nodes" in (obj.measures if kind == "run" else obj[0]):
+            try:
+                fig = spectrum(obj if kind == "run" else path, epoch=epoch)
+                written += save(fig, out / f"{name}_spectrum", formats, dpi)
+            except UserError as e:
+                notes.append(f"no spectrum: {e}")
+        elif kind == "results":
+            notes.append(f"{path}: no density stored, nothing to plot")
+        if kind == "run" and obj.surfaces:
+            fig = landscape_over_time(obj)
+            written += save(fig, out / f"{name}_landscape_over_time", formats, dpi)
+    if not written:
+        raise UserError("nothing to plot: " + "; ".join(notes))
+    return written, notes
+
+
+PROG = "python -m landscape.plot"
+
+
+@dataclass
+class PlotConfig:
+    """Write every figure that landscape's HDF5 files support: the training curves and
+    per-epoch measures of all run files together, each run's Hessian spectrum and
+    landscape over training; each surface file's 1D curve, or 2D contour, filled contour,
+    heatmap, 3D plot and trajectory; each results file's Hessian spectrum."""
+
+    files: list[str] = cli.arg(
+        help="run, surface or results files (.h5)", positional=True, metavar="FILE.h5 ..."
+    )
+    out: str = cli.arg("figures", help="output directory")
+    format: list[str] = cli.arg(["png", "pdf"], help="figure formats: png, pdf, svg")
+    epoch: int | None = cli.arg(None, help="spectrum of run files at this epoch (default: last)")
+    log: bool | None = cli.arg(
+        None, help="log y-axes for the curves (default: where values span two decades)"
+    )
+    top_k: str = cli.arg(
+        "first", choices=["first", "all"], help="hessian_top: the largest eigenvalue or all k"
+    )
+    vtp: bool = cli.arg(False, help="also export 2D surfaces as VTK .vtp files for ParaView")
+    dpi: int = cli.arg(300, help="resolution of PNG files")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    def run() -> int:
+        cfg, _ = cli.parse(PlotConfig, argv, PROG)
+        written, notes = plot_files(
+            cfg.files,
+            cfg.out,
+            cfg.format,
+            epoch=cfg.epoch,
+            log=cfg.log,
+            top_k=cfg.top_k,
+            vtp=cfg.vtp,
+            dpi=cfg.dpi,
+        )
+        for note in notes:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
+        print("\n".join(map(str, written)))
+        print(f"{len(written)} files written to {cfg.out}/", file=sys.stderr)
+        return 0
+
+    cli.run(run, PROG)
