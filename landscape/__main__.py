@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("landscape.train", "train a model; log every epoch to HDF5, checkpoint"),
     "sharpness": ("landscape.sharpness", "m-sharpness or adaptive sharpness of a checkpoint"),
     "hessian": ("landscape.hessian", "Hessian eigenvalues, trace and density of a checkpoint"),
+    "surface": ("landscape.surface", "1D/2D loss surface of a checkpoint (random, PCA, interp)"),
     "plot": ("landscape.plot", "figures from run, surface and measurement files"),
 }
 

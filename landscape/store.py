@@ -52,10 +52,24 @@ def surface_group(epoch: int) -> str:
     return f"{SURFACE}/epoch_{epoch:03d}"
 
 
+def _remove_stale_copies(path: Path) -> None:
+    """Delete temporary copies of ``path`` left by processes that died mid-edit."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -4]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except PermissionError:
+                pass  # alive, another user's
+
+
 @contextlib.contextmanager
 def editing(path: str | Path, create: bool = False) -> Iterator[h5py.File]:
     """Open ``path`` for writing on a temporary copy that replaces it on success."""
     path = Path(path)
+    _remove_stale_copies(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if path.exists():
         shutil.copyfile(path, tmp)

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, cli, measures, optim
+from . import checkpoint, cli, measures, optim, store, surface
 from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
 from .models import create_model, model_names
 from .store import RunLog
@@ -119,7 +120,7 @@ class TrainConfig:
     measure: list[str] = cli.arg(
         [],
         help="measures to log per epoch: m_sharpness, adaptive_sharpness, hessian_top, "
-        "hessian_trace, density",
+        "hessian_trace, density, and surface_1d or surface_2d (a coarse surface per epoch)",
         metavar="NAMES",
     )
     measure_every: int = cli.arg(1, help="measure every N epochs (and after the last)")
@@ -134,6 +135,8 @@ class TrainConfig:
         "worst", choices=["worst", "average"], help="adaptive_sharpness: worst or average case"
     )
     hessian_k: int = cli.arg(1, help="hessian_top: number of top eigenvalues")
+    surface_points: int = cli.arg(11, help="surface_1d/surface_2d: grid points per axis")
+    surface_range: float = cli.arg(1.0, help="surface_1d/surface_2d: grid from -R to R")
     # runtime
     device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     precision: str = cli.arg(
@@ -181,9 +184,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        measures.check_names(self.measure)
+        measures.check_names([m for m in self.measure if m not in SURFACES])
         if self.measure_every < 1 or self.hessian_k < 1 or self.sharpness_m < 1:
             raise UserError("--measure-every, --hessian-k and --sharpness-m must be positive")
+        if all(s in self.measure for s in SURFACES):
+            raise UserError("--measure takes surface_1d or surface_2d, not both")
+        if self.surface_points < 2 or self.surface_range <= 0:
+            raise UserError("--surface-points must be >= 2 and --surface-range positive")
         if (self.optimizer == "lastsam") != (self.sam_epochs is not None):
             raise UserError("--sam-epochs goes with --optimizer lastsam (and it needs it)")
         if self.sam_epochs is not None and not 0 <= self.sam_epochs <= self.epochs:
@@ -224,6 +231,7 @@ def lr_lambda(
     return factor
 
 
+SURFACES = ("surface_1d", "surface_2d")
 SAM_OPTIONS = ("rho", "eta", "adaptive", "k", "alpha", "rho_min", "sigma", "lmbda", "m")
 
 
@@ -382,6 +390,25 @@ class Trainer:
             metrics=metrics,
         )
 
+    def _surface(self) -> None:
+        """This epoch's coarse surface along the same seeded random directions (normalised
+        to the current weights), at ``surface/epoch_NNN/`` of the run file. Directions
+        are not stored: the seed and the epoch's weights define them."""
+        cfg = self.cfg
+        grid = np.linspace(-cfg.surface_range, cfg.surface_range, cfg.surface_points)
+        two = "surface_2d" in cfg.measure
+        s = surface.compute(
+            self.model,
+            self.eval_loss,
+            self.measure_batches,
+            grid,
+            grid if two else None,
+            seed=cfg.seed,
+            autocast_dtype=self.autocast,
+        )
+        s.directions = []
+        store.write_surface(self.log.path, s, group=store.surface_group(self.epoch))
+
     def train_epoch(self, bar: tqdm | None = None) -> tuple[float, float]:
         """One pass over the training data; returns (mean loss, accuracy) of the clean passes."""
         model, opt = self.model, self.optimizer
@@ -459,11 +486,11 @@ class Trainer:
                     "time_s": time.perf_counter() - start,
                 }
                 values, attrs = {}, {}
-                if cfg.measure and (
-                    self.epoch % cfg.measure_every == 0 or self.epoch == cfg.epochs
-                ):
+                due = self.epoch % cfg.measure_every == 0 or self.epoch == cfg.epochs
+                names = [m for m in cfg.measure if m not in SURFACES]
+                if names and due:
                     values, attrs = measures.measure(
-                        cfg.measure,
+                        names,
                         self.model,
                         self.eval_loss,
                         self.measure_batches,
@@ -471,6 +498,8 @@ class Trainer:
                     )
                 # Log first, then checkpoint: a kill in between redoes this epoch on resume.
                 self.log.append(self.epoch, metrics, values, attrs)
+                if due and any(m in SURFACES for m in cfg.measure):
+                    self._surface()
                 self._save(self.out / LAST, metrics)
                 if cfg.save_every and self.epoch % cfg.save_every == 0:
                     shutil.copyfile(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")

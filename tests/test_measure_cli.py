@@ -170,3 +170,37 @@ def test_measuring_leaves_training_untouched(tmp_path):
         np.testing.assert_array_equal(runs["plain"].metrics[key], runs["a"].metrics[key])
     for name in measured["measure"]:
         np.testing.assert_array_equal(runs["a"].measures[name], runs["b"].measures[name])
+
+
+def test_per_epoch_surfaces_in_training(tmp_path, capsys):
+    from landscape.store import read_run, read_surface
+    from landscape.train import TrainConfig, main, train
+
+    cfg = TrainConfig(
+        dataset="synthetic",
+        model="mlp",
+        epochs=2,
+        measure=["surface_1d"],
+        surface_points=5,
+        measure_subset=64,
+        out=str(tmp_path),
+        progress=False,
+    )
+    train(cfg)
+    run_ = read_run(tmp_path / "run.h5")
+    assert sorted(run_.surfaces) == [1, 2]
+    line = read_surface(tmp_path / "run.h5", run_.surfaces[2])
+    assert line.y is None and line.complete and line.values["train_loss"].shape == (5,)
+    from torch import nn
+
+    from landscape.checkpoint import load_with_data
+    from landscape.utils import evaluate_batches
+
+    model, batches, _ = load_with_data(tmp_path / "last.pt", subset=64, batch_size=1024)
+    centre = evaluate_batches(model, nn.CrossEntropyLoss(), batches)  # x = 0 is the model
+    assert line.values["train_loss"][2] == pytest.approx(centre.loss, rel=1e-6)
+    assert line.values["train_acc"][2] == pytest.approx(centre.acc)
+    assert line.attrs["seed"] == 0 and line.directions == []
+    with pytest.raises(SystemExit):
+        main(["--measure", "surface_1d,surface_2d", "--out", str(tmp_path / "x")])
+    assert "surface_1d or surface_2d, not both" in capsys.readouterr().err

@@ -184,3 +184,19 @@ def test_reads_a_loss_landscape_style_file(tmp_path):
         read_surface(other)
     with pytest.raises(UserError, match="no surface group"):
         read_surface(other, "surface/epoch_001")
+
+
+def test_stale_copies_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    log = RunLog.create(tmp_path / "run.h5", {})
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    stale = tmp_path / f".run.h5.{dead}.tmp"
+    alive = tmp_path / f".run.h5.{1}.tmp"  # pid 1 is always running
+    stale.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    log.append(1, metrics(1.0))
+    assert not stale.exists() and alive.exists()
