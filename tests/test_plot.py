@@ -7,19 +7,16 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.collections import PolyCollection, QuadMesh
 from matplotlib.image import imread
 from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
 from landscape import plot
 from landscape.store import (
-    SURFACE_ARRAYS,
     RunLog,
     Surface,
     read_run,
     read_surface,
-    surface_group,
     write_surface,
 )
 from landscape.utils import UserError
@@ -29,7 +26,7 @@ MEASURES = ["m_sharpness", "hessian_top", "hessian_trace", "density"]
 # ------------------------------------------------------------------------------- fixtures
 
 
-def train_run(out, optimizer, base="sgd", epochs=5):
+def train_run(out, optimizer, base="sgd", epochs=5, surface="surface_2d"):
     from landscape.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -41,10 +38,11 @@ def train_run(out, optimizer, base="sgd", epochs=5):
         base=base,
         lr=0.05 if base == "sgd" else 0.003,
         epochs=epochs,
-        measure=MEASURES,
+        measure=[*MEASURES, surface],
         measure_every=2,
         measure_subset=64,
         hessian_k=2,
+        surface_points=7,
         save_every=1,
         out=str(out),
         progress=False,
@@ -52,125 +50,42 @@ def train_run(out, optimizer, base="sgd", epochs=5):
     return train(cfg)
 
 
-def _filter_normalized(model, gen):
-    """A random direction, each row (filter) scaled to its weight row's norm; biases zero."""
-    d = {}
-    for n, p in model.named_parameters():
-        r, p = torch.randn(p.shape, generator=gen), p.detach()
-        d[n] = (
-            r * (p.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True)) if p.ndim > 1 else 0 * r
-        )
-    return d
-
-
-def eval_batches(ckpt):
-    """256 train and 256 test samples of the checkpoint's dataset, loaded once."""
-    from landscape.checkpoint import load_with_data
-
-    return {
-        split: load_with_data(ckpt, split=split, subset=256, batch_size=256)[1]
-        for split in ("train", "test")
-    }
-
-
-def evaluate_surface(ckpt, batches, x, y=None, directions=None, seed=0):
-    """Loss and accuracy of the checkpoint's model at ``w + x d1 (+ y d2)``: a plain loop
-    standing in for landscape.surface."""
-    from landscape.checkpoint import load
-    from landscape.utils import evaluate_batches
-
-    model, _ = load(ckpt)
-    if directions is None:
-        gen = torch.Generator().manual_seed(seed)
-        directions = [_filter_normalized(model, gen) for _ in range(1 if y is None else 2)]
-    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    shape = (len(x),) if y is None else (len(y), len(x))
-    values = {k: np.full(shape, np.nan) for k in SURFACE_ARRAYS}
-    loss_fn = torch.nn.CrossEntropyLoss()
-    for idx in np.ndindex(*shape):
-        coords = (x[idx[-1]],) if y is None else (x[idx[1]], y[idx[0]])
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(w0[n] + sum(c * d[n] for c, d in zip(coords, directions)))
-        for split, b in batches.items():
-            ev = evaluate_batches(model, loss_fn, b)
-            values[f"{split}_loss"][idx], values[f"{split}_acc"][idx] = ev.loss, ev.acc
-    return Surface(
-        x=np.asarray(x, float),
-        y=None if y is None else np.asarray(y, float),
-        values=values,
-        done=np.ones(shape, bool),
-        directions=[{n: t.numpy() for n, t in d.items()} for d in directions],
-    )
-
-
-def pca_surface(run_dir, batches, nx=13, ny=9):
-    """PCA directions of the checkpoints' weights around the last one, the checkpoints'
-    coordinates as the trajectory, the grid spanning them (non-square)."""
-    ckpts = sorted(run_dir.glob("epoch_*.pt"))
-    states = [torch.load(c, weights_only=True)["state_dict"] for c in ckpts]
-    names = list(states[-1])
-    flat = np.stack([np.concatenate([s[n].numpy().ravel() for n in names]) for s in states])
-    diff = flat - flat[-1]
-    _, sv, vt = np.linalg.svd(diff - diff.mean(0), full_matrices=False)
-    coords = diff @ vt[:2].T
-    sizes = np.cumsum([0] + [states[-1][n].numel() for n in names])
-    dirs = [
-        {
-            n: torch.from_numpy(v[a:b].reshape(states[-1][n].shape))
-            for n, a, b in zip(names, sizes, sizes[1:])
-        }
-        for v in vt[:2]
-    ]
-    span = [
-        np.linspace(c.min() - 0.3 * np.ptp(c), c.max() + 0.3 * np.ptp(c), k)
-        for c, k in zip(coords.T, (nx, ny))
-    ]
-    s = evaluate_surface(ckpts[-1], batches, span[0], span[1], directions=dirs)
-    s.trajectory = coords
-    s.trajectory_attrs = {
-        "explained_variance_ratio": (sv[:2] ** 2 / (sv**2).sum()),
-        "epochs": [int(c.stem.split("_")[1]) for c in ckpts],
-    }
-    return s
+def cli(module, argv):
+    with pytest.raises(SystemExit) as e:
+        module.main([*argv, "--no-progress"])
+    assert e.value.code == 0
 
 
 def build_files(root):
+    """Every file with the project's own code: two trainer runs (per-epoch measures and
+    surfaces), surface files of ``python -m landscape.surface`` (non-square 2D, 1D, PCA
+    with the trajectory) and a results file of ``python -m landscape.hessian``."""
+    from landscape import hessian, surface
+
     root.mkdir(parents=True, exist_ok=True)
     sgd = train_run(root / "sgd", "sgd") / "run.h5"
-    sam = train_run(root / "sam", "sam", base="adam") / "run.h5"
-    batches = eval_batches(sgd.parent / "last.pt")
-    # per-epoch surfaces: 2D in the SGD run, 1D in the SAM run
-    for e in (1, 3, 5):
-        ck = sgd.parent / f"epoch_{e:03d}.pt"
-        grid = np.linspace(-1, 1, 7)
-        write_surface(sgd, evaluate_surface(ck, batches, grid, grid), surface_group(e))
-        ck = sam.parent / f"epoch_{e:03d}.pt"
-        write_surface(sam, evaluate_surface(ck, batches, np.linspace(-1, 1, 9)), surface_group(e))
+    train_run(root / "sam", "sam", base="adam", surface="surface_1d")
     for name, epochs in (("single", 1), ("empty", 0)):  # one epoch (and its surface); none
         (root / name).mkdir()
         shutil.copy(sgd, root / name / "run.h5")
         RunLog(root / name / "run.h5").truncate(epochs)
-    # surface files
-    last = sgd.parent / "last.pt"
-    wide = evaluate_surface(last, batches, np.linspace(-1, 1, 15), np.linspace(-0.5, 0.5, 7))
-    write_surface(root / "wide.h5", wide)
-    write_surface(root / "line.h5", evaluate_surface(last, batches, np.linspace(-1, 1, 21)))
-    partial = read_surface(root / "wide.h5")
+    last = str(sgd.parent / "last.pt")
+    data = ["--subset", "256", "--batch-size", "256"]
+    wide = ["--x", "-1:1:15", "--y", "-0.5:0.5:7"]
+    cli(surface, [last, *wide, *data, "--out", str(root / "wide.h5")])
+    cli(surface, [last, "--x", "-1:1:21", "--split", "test", *data, "--out", str(root / "line.h5")])
+    partial = read_surface(root / "wide.h5")  # as if a run had been killed after 60 points
     partial.done.reshape(-1)[60:] = False
     for v in partial.values.values():
         v.reshape(-1)[60:] = np.nan
     write_surface(root / "partial.h5", partial)
-    write_surface(root / "pca.h5", pca_surface(sgd.parent, batches))
-    # results file of the Hessian CLI
-    from landscape import hessian
-
-    results = root / "hessian.h5"
-    argv = [str(last), "--top", "3", "--smallest", "1", "--trace", "--density"]
-    argv += ["--steps", "40", "--subset", "128", "--out", str(results), "--no-progress"]
-    with pytest.raises(SystemExit) as e:
-        hessian.main(argv)
-    assert e.value.code == 0
+    ckpts = sorted(sgd.parent.glob("epoch_*.pt"))
+    coords = surface.pca_directions(ckpts, last).coordinates
+    lo, hi = coords.min(0) - 0.3 * np.ptp(coords, 0), coords.max(0) + 0.3 * np.ptp(coords, 0)
+    grid = ["--x", f"{lo[0]}:{hi[0]}:13", "--y", f"{lo[1]}:{hi[1]}:9"]
+    cli(surface, [last, "--dir", f"pca:{sgd.parent}", *grid, *data, "--out", str(root / "pca.h5")])
+    argv = [last, "--top", "3", "--smallest", "1", "--trace", "--density"]
+    cli(hessian, [*argv, "--steps", "40", "--subset", "128", "--out", str(root / "hessian.h5")])
     (root / "done").touch()
 
 
@@ -299,11 +214,11 @@ def test_surface_1d(files):
     loss, acc = (
         [ln.get_label() for ln in a.get_lines() if ln.get_label()[0] != "_"] for a in (ax, twin)
     )
-    assert loss == ["train loss", "test loss"] and acc == ["train acc", "test acc"]
+    assert loss == ["test loss"] and acc == ["test acc"]  # the file holds the test split
     assert ax.get_ylabel() == "loss" and twin.get_ylabel() == "accuracy (%)"
     s = read_surface(files["line"])
-    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), s.values["train_loss"])
-    np.testing.assert_allclose(twin.get_lines()[1].get_ydata(), 100 * s.values["test_acc"])
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), s.values["test_loss"])
+    np.testing.assert_allclose(twin.get_lines()[0].get_ydata(), 100 * s.values["test_acc"])
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [*loss, *acc]
     with pytest.raises(UserError, match="1D surface"):
         plot.surface_1d(files["wide"])
@@ -428,21 +343,22 @@ def test_spectrum_from_run_and_results(files):
 def test_landscape_over_time(files):
     fig = plot.landscape_over_time(files["sgd"])
     panels = [ax for ax in fig.axes if ax.get_title().startswith("epoch")]
-    assert [ax.get_title() for ax in panels] == ["epoch 1", "epoch 3", "epoch 5"]
+    assert [ax.get_title() for ax in panels] == ["epoch 2", "epoch 4", "epoch 5"]
     levels = [ax.collections[0].levels for ax in panels]
     assert all(np.array_equal(levels[0], lv) for lv in levels)  # one colour scale
     assert len(fig.axes) == 4  # and one colorbar
-    fig = plot.landscape_over_time(files["sgd"], "1d", epochs=[1, 5])
+    fig = plot.landscape_over_time(files["sgd"], "1d", epochs=[2, 5])
     assert len(fig.axes) == 2 and all(len(lines(ax)) == 1 for ax in fig.axes)
     assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
     fig = plot.landscape_over_time(files["sam"])
     assert len(fig.axes) == 3
     with pytest.raises(UserError, match="1D surfaces"):
         plot.landscape_over_time(files["sam"], "2d")
-    fig = plot.landscape_over_time(files["single"])  # one epoch, one panel
-    assert [ax.get_title() for ax in fig.axes[:1]] == ["epoch 1"] and len(fig.axes) == 2
-    with pytest.raises(UserError, match="no per-epoch surfaces"):
-        plot.landscape_over_time(files["empty"])
+    fig = plot.landscape_over_time(files["sgd"], epochs=[4])  # one epoch, one panel
+    assert [ax.get_title() for ax in fig.axes[:1]] == ["epoch 4"] and len(fig.axes) == 2
+    for name in ("single", "empty"):  # epoch 1 was not measured; no epochs
+        with pytest.raises(UserError, match="no per-epoch surfaces"):
+            plot.landscape_over_time(files[name])
 
 
 # ------------------------------------------------------------------------------- files
@@ -462,10 +378,9 @@ def test_save_formats(files, tmp_path):
 def test_surface_figures(files, tmp_path):
     written = plot.surface_figures(files["pca"], tmp_path, ("png",))
     names = {p.name for p in written}
-    for split in ("train", "test"):
-        for fig in ("contour", "filled", "heatmap", "3d", "trajectory"):
-            assert f"pca_{split}_{fig}.png" in names
-    assert len(written) == 10 and all(p.stat().st_size > 10_000 for p in written)
+    for fig in ("contour", "filled", "heatmap", "3d", "trajectory"):
+        assert f"pca_train_{fig}.png" in names
+    assert len(written) == 5 and all(p.stat().st_size > 10_000 for p in written)
     assert [p.name for p in plot.surface_figures(files["line"], tmp_path, ("pdf",))] == [
         "line_1d.pdf"
     ]
@@ -547,5 +462,5 @@ def test_cli_other_errors(files, tmp_path, capsys):
     assert "nothing to plot: the run files hold no epochs yet" in capsys.readouterr().err
     assert run_cli([files["single"], "--out", tmp_path / "one", "--format", "png"]) == 0
     out = tmp_path / "one"
-    assert {p.name for p in out.iterdir()} == {"curves.png", "single_landscape_over_time.png"}
+    assert {p.name for p in out.iterdir()} == {"curves.png"}
     assert "no spectrum" in capsys.readouterr().err
