@@ -1,9 +1,13 @@
 """``python -m landscape demo``: the README's main command.
 
 Trains one small model with several optimizers on the same data, seed and schedule,
-and prints a comparison. Defaults need no download and take a few minutes on 2 CPU
-cores: scikit-learn's digits with 20% of the training labels flipped (the SAM papers'
-label-noise setting, where sharpness-aware methods help most).
+measuring m-sharpness and the top Hessian eigenvalue every epoch; then, at the final
+weights of each, a 2D loss surface (filter-normalised random directions, the same seed
+for all) and the Hessian's spectral density. Writes the runs, surfaces and spectra to
+``--out``, every figure to ``--figures``, and prints a comparison. Defaults need no
+download and take a few minutes on 2 CPU cores: scikit-learn's digits with 20% of the
+training labels flipped (the SAM papers' label-noise setting, where sharpness-aware
+methods help most).
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import cli
 from .store import read_run
 from .train import TrainConfig, train
+from .utils import resolve_device
 
 PROG = "python -m landscape demo"
 DEFAULT_OPTIMIZERS = [
@@ -47,7 +54,9 @@ class DemoConfig:
     measure_subset: int = cli.arg(512, help="training images the per-epoch measures use")
     device: str = cli.arg("auto", help="auto, cpu, cuda")
     seed: int = cli.arg(0, help="seed shared by all runs")
+    surface_points: int = cli.arg(21, help="final 2D surface: grid points per axis")
     out: str = cli.arg("runs/demo", help="directory for the runs")
+    figures: str | None = cli.arg(None, help="directory for the figures (default: OUT/figures)")
     progress: bool = cli.arg(True, help="progress bars")
 
 
@@ -77,21 +86,58 @@ def run_config(cfg: DemoConfig, spec: str) -> TrainConfig:
     )
 
 
+def final_measures(run_dir: Path, cfg: DemoConfig) -> list[Path]:
+    """The 2D surface and the spectrum at a run's final weights: ``<run>_surface.h5`` and
+    ``<run>_hessian.h5`` in the run's directory (named so that figures don't collide)."""
+    from torch import nn
+
+    from . import hessian, store, surface
+    from .checkpoint import load_with_data
+
+    model, batches, _ = load_with_data(
+        run_dir / "last.pt",
+        subset=cfg.measure_subset,
+        seed=cfg.seed,
+        device=resolve_device(cfg.device),
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    grid = np.linspace(-1, 1, cfg.surface_points)
+    s = surface.compute(model, loss_fn, batches, grid, grid, seed=cfg.seed, progress=cfg.progress)
+    surface_file, hessian_file = (
+        run_dir / f"{run_dir.name}_{k}.h5" for k in ("surface", "hessian")
+    )
+    store.write_surface(surface_file, s)
+    r = hessian.slq(model, loss_fn, batches, seed=cfg.seed, progress=cfg.progress)
+    top = hessian.top_eigenvalues(model, loss_fn, batches, k=3, seed=cfg.seed)
+    store.write_results(
+        hessian_file,
+        {"density_nodes": r.nodes, "density_weights": r.weights, "hessian_top": top.values},
+        {"density_nodes": {"n_v": 1, "steps": r.nodes.shape[1], "seed": cfg.seed}},
+        meta={"checkpoint": str(run_dir / "last.pt")},
+    )
+    return [surface_file, hessian_file]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     def run() -> int:
+        from .plot import plot_files
+
         cfg, _ = cli.parse(DemoConfig, argv, PROG)
         configs = [run_config(cfg, spec) for spec in cfg.optimizers]
         for c in configs:
             c.validate()  # every run's settings, before the first one starts
-        rows = []
+        rows, files = [], []
         for spec, c in zip(cfg.optimizers, configs, strict=True):
             print(f"== {spec}", file=sys.stderr)
             start = time.perf_counter()
             out = train(c)
-            run_ = read_run(out / "run.h5")
-            rows.append((spec, run_, time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            files += [out / "run.h5", *final_measures(out, cfg)]
+            rows.append((spec, read_run(out / "run.h5"), seconds))
+        figures = Path(cfg.figures or Path(cfg.out) / "figures")
+        written, _ = plot_files(files, figures, ("png",), dpi=150)
         print(table(rows))
-        print(f"\nruns in {cfg.out}/ (run.h5 and last.pt per optimizer)")
+        print(f"\nruns in {cfg.out}/, {len(written)} figures in {figures}/")
         return 0
 
     cli.run(run, PROG)

@@ -352,7 +352,7 @@ def test_landscape_over_time(files):
     assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
     fig = plot.landscape_over_time(files["sam"])
     assert len(fig.axes) == 3
-    with pytest.raises(UserError, match="1D surfaces"):
+    with pytest.raises(UserError, match="are 1D; use kind=.1d."):
         plot.landscape_over_time(files["sam"], "2d")
     fig = plot.landscape_over_time(files["sgd"], epochs=[4])  # one epoch, one panel
     assert [ax.get_title() for ax in fig.axes[:1]] == ["epoch 4"] and len(fig.axes) == 2
@@ -464,3 +464,18 @@ def test_cli_other_errors(files, tmp_path, capsys):
     out = tmp_path / "one"
     assert {p.name for p in out.iterdir()} == {"curves.png"}
     assert "no spectrum" in capsys.readouterr().err
+
+
+def test_compare_surfaces_share_one_scale(files, tmp_path):
+    fig = plot.compare_surfaces([files["wide"], files["partial"]])
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["wide", "partial"]
+    levels = [ax.collections[0].levels for ax in panels]
+    assert np.array_equal(levels[0], levels[1]) and len(fig.axes) == 3  # + one colorbar
+    fig = plot.compare_surfaces([files["line"], files["line"]], labels=["sgd", "sam"])
+    colors = [ax.get_lines()[0].get_color() for ax in fig.axes]
+    assert colors == [plot.OPTIMIZER_COLORS["sgd"], plot.OPTIMIZER_COLORS["sam"]]
+    with pytest.raises(UserError, match="1D; use kind='1d'"):
+        plot.compare_surfaces([files["wide"], files["line"]], kind="2d")
+    written, _ = plot.plot_files([files["wide"], files["pca"]], tmp_path, ("png",))
+    assert tmp_path / "surfaces.png" in written

@@ -14,6 +14,7 @@ from .common import OPTIMIZER_COLORS, STYLE, optimizer_style, run_label, save, s
 from .curves import curves, spectrum
 from .files import PROG, PlotConfig, main, plot_files, surface_figures
 from .surfaces import (
+    compare_surfaces,
     export_vtp,
     landscape_over_time,
     robust_range,
@@ -28,6 +29,7 @@ __all__ = [
     "PROG",
     "STYLE",
     "PlotConfig",
+    "compare_surfaces",
     "curves",
     "export_vtp",
     "landscape_over_time",

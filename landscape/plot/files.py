@@ -12,7 +12,15 @@ from ..store import read_surface
 from ..utils import UserError
 from .common import check_formats, classify, run_name, save
 from .curves import curves, spectrum
-from .surfaces import export_vtp, landscape_over_time, splits, surface_1d, surface_2d, surface_3d
+from .surfaces import (
+    compare_surfaces,
+    export_vtp,
+    landscape_over_time,
+    splits,
+    surface_1d,
+    surface_2d,
+    surface_3d,
+)
 from .surfaces import trajectory as trajectory_figure
 
 
@@ -61,7 +69,8 @@ def plot_files(
     """What ``python -m landscape.plot`` writes: the curves of all run files together
     (``curves``), each run's spectrum and landscape over time (``<run>_spectrum``,
     ``<run>_landscape_over_time``, when stored), each surface file's
-    :func:`surface_figures`, each results file's spectrum. Returns the paths written and
+    :func:`surface_figures`, each results file's spectrum, and with several surface files
+    of one dimension, all of them side by side (``surfaces``). Returns the paths written and
     notes on what was skipped; a :class:`UserError` if nothing could be drawn."""
     if not files:
         raise UserError("no files given")
@@ -92,6 +101,13 @@ def plot_files(
         if kind == "run" and obj.surfaces:
             fig = landscape_over_time(obj)
             written += save(fig, out / f"{name}_landscape_over_time", formats, dpi)
+    surfaces = [(p, obj) for p, kind, obj in loaded if kind == "surface"]
+    if len(surfaces) > 1:
+        if len({s.y is None for _, s in surfaces}) == 1:
+            paths = [p for p, _ in surfaces]
+            written += save(compare_surfaces(paths), out / "surfaces", formats, dpi)
+        else:
+            notes.append("1D and 2D surfaces given: no side-by-side comparison")
     if not written:
         raise UserError("nothing to plot: " + "; ".join(notes))
     return written, notes

@@ -27,6 +27,7 @@ from .common import (
     load_runs,
     load_surface,
     new_axes,
+    optimizer_style,
     run_label,
     run_style,
     spans_decades,
@@ -381,11 +382,60 @@ def landscape_over_time(
     if not eps:
         raise UserError(f"{r.path} has no surfaces at epochs {list(epochs or [])}")
     surfs = [read_surface(r.path, r.surfaces[e]) for e in eps]
+    titles = [f"epoch {e}" for e in eps]
+    return _small_multiples(
+        surfs, titles, [run_style(r)] * len(surfs), f"{run_label(r)}: {{}} over training",
+        kind, split, quantity, log, levels, ncols,
+    )  # fmt: skip
+
+
+def compare_surfaces(
+    surfaces: Sequence[SurfaceSource],
+    labels: Sequence[str] | None = None,
+    kind: str | None = None,
+    *,
+    split: str | None = None,
+    quantity: str = "loss",
+    log: bool | None = None,
+    levels: int = 16,
+    ncols: int = 4,
+) -> Figure:
+    """Surfaces of several models side by side on one colour scale (one y range in 1D),
+    e.g. one per optimizer. ``labels`` default to the file names without ``_surface``;
+    1D curves take the optimizer's colour when the label names one."""
+    surfs = [load_surface(s) for s in surfaces]
+    if not surfs:
+        raise UserError("no surfaces to compare")
+    if labels is None:
+        labels = [
+            Path(s).stem.removesuffix("_surface") if isinstance(s, str | Path) else f"surface {i}"
+            for i, s in enumerate(surfaces, 1)
+        ]
+    styles = [optimizer_style(label) for label in labels]
+    return _small_multiples(
+        surfs, list(labels), styles, "{}", kind, split, quantity, log, levels, ncols
+    )
+
+
+def _small_multiples(
+    surfs: list[Surface],
+    titles: list[str],
+    styles: list[dict[str, str]],
+    suptitle: str,
+    kind: str | None,
+    split: str | None,
+    quantity: str,
+    log: bool | None,
+    levels: int,
+    ncols: int,
+) -> Figure:
+    """Panels of 2D filled contours (or 1D curves) sharing levels and a colour scale;
+    ``suptitle`` is formatted with the quantity's label."""
     kind = kind or ("1d" if any(s.y is None for s in surfs) else "2d")
     if kind not in ("1d", "2d"):
         raise UserError(f"kind must be '1d' or '2d', got {kind!r}")
     if kind == "2d" and any(s.y is None for s in surfs):
-        raise UserError(f"{r.path} holds 1D surfaces; use kind='1d'")
+        raise UserError("the surfaces are 1D; use kind='1d'")
     data = []
     for s in surfs:
         sp, z = _values(s, split, quantity)
@@ -406,18 +456,18 @@ def landscape_over_time(
         axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
         lv = _levels(lo, hi, levels, log)
         extend = _extend(np.concatenate([z.ravel() for _, z in data]), lv[0], lv[-1])
-        for ax, (s, z), e in zip(axes, data, eps, strict=False):
+        for ax, (s, z), title, line in zip(axes, data, titles, styles, strict=False):
             if kind == "2d":
                 art = ax.contourf(s.x, s.y, np.ma.masked_invalid(z), lv, norm=norm, extend=extend)
                 _decorate(ax, s)
             else:
                 marker = None if np.isfinite(z).all() else "."
-                ax.plot(s.x, z, marker=marker, **run_style(r))
+                ax.plot(s.x, z, marker=marker, **line)
                 pad = 0.05 * (hi - lo)
                 if log:
                     log_y(ax, np.array([lo, hi]))
                 ax.set_ylim((lo, hi) if log else (lo - pad, hi + pad))
-            ax.set_title(f"epoch {e}")
+            ax.set_title(title)
         for i, ax in enumerate(axes):
             if i >= len(data):
                 ax.remove()
@@ -430,7 +480,7 @@ def landscape_over_time(
                 ax.xaxis.set_tick_params(labelbottom=True)
         if kind == "2d":
             _colorbar(fig, art, list(axes[: len(data)]), label, lo, hi, log)
-        fig.suptitle(f"{run_label(r)}: {label} over training", fontsize=9)
+        fig.suptitle(suptitle.format(label), fontsize=9)
     return fig
 
 
