@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format figures bench clean
+.PHONY: demo test lint format figures clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,16 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
+
+# The README's figures (from a full demo run) and the committed notebooks' outputs.
+FIGURES := curves surfaces sgd_hessian_spectrum sam_hessian_spectrum
+figures: $(VENV)/.installed
+	$(PY) -m landscape demo --out runs/demo
+	for f in $(FIGURES); do cp runs/demo/figures/$$f.png figures/; done
+	cd notebooks && for nb in plotting.ipynb training_loop.ipynb; do \
+		../$(PY) -c "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); \
+		nbclient.NotebookClient(nb, timeout=600).execute(); nbformat.write(nb, sys.argv[1])" $$nb; \
+	done
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

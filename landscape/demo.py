@@ -79,6 +79,7 @@ def run_config(cfg: DemoConfig, spec: str) -> TrainConfig:
         seed=cfg.seed,
         out=str(Path(cfg.out) / spec.replace(":", "-")),
         measure=["m_sharpness", "hessian_top"],
+        save_every=1,  # the trajectory, for PCA surfaces (notebooks/plotting.ipynb)
         measure_subset=cfg.measure_subset,
         overwrite=True,
         progress=cfg.progress,

@@ -26,3 +26,17 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
     cfg = TrainConfig(epochs=2, save_every=1, out=str(out), progress=False, label_noise=0.1)
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory):
+    """A reduced ``python -m landscape demo``: two optimizers, 3 epochs, small grids."""
+    from landscape.demo import main
+
+    out = tmp_path_factory.mktemp("demo")
+    argv = ["--optimizers", "sgd,lastsam,sam:adam", "--epochs", "3", "--subset", "300"]
+    argv += ["--measure-subset", "128", "--surface-points", "5", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--no-progress"])
+    assert e.value.code == 0
+    return out

@@ -352,7 +352,7 @@ def test_landscape_over_time(files):
     assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
     fig = plot.landscape_over_time(files["sam"])
     assert len(fig.axes) == 3
-    with pytest.raises(UserError, match="are 1D; use kind=.1d."):
+    with pytest.raises(UserError, match=r"are 1D; use kind=.1d."):
         plot.landscape_over_time(files["sam"], "2d")
     fig = plot.landscape_over_time(files["sgd"], epochs=[4])  # one epoch, one panel
     assert [ax.get_title() for ax in fig.axes[:1]] == ["epoch 4"] and len(fig.axes) == 2

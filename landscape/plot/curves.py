@@ -19,11 +19,13 @@ from ..utils import UserError
 from .common import (
     BLUE,
     GREY,
+    OPTIMIZER_COLORS,
     RunSource,
     classify,
     fmt,
     load_runs,
     new_axes,
+    optimizer_style,
     run_label,
     run_labels,
     run_style,
@@ -245,8 +247,8 @@ def _spectrum_data(source: RunSource, epoch: int | None) -> dict[str, Any]:
         "weights": values["density_weights"],
         "top": np.atleast_1d(values.get("hessian_top", [])),
         "bottom": np.atleast_1d(values.get("hessian_bottom", [])),
-        "title": Path(source).stem,
-        "color": BLUE,
+        "title": (name := Path(source).stem.removesuffix("_hessian")),
+        "color": optimizer_style(name)["color"] if name in OPTIMIZER_COLORS else BLUE,
     }
 
 
