@@ -317,6 +317,8 @@ def surface_3d(
         ax.view_init(elev=elev, azim=azim)
         ax.set_xlabel("direction 1 (x)")
         ax.set_ylabel("direction 2 (y)")
+        for axis in (ax.xaxis, ax.yaxis):  # the default ticks crowd on a tilted 3D axis
+            axis.set_major_locator(MaxNLocator(5))
         label = ("log10 " if log else "") + _label(split, quantity)
         ax.set_zlabel(label + (" (capped)" if capped else ""))
         ax.set_box_aspect(None, zoom=0.88)
