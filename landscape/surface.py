@@ -771,10 +771,8 @@ def _report(out: Path, cfg: SurfaceConfig) -> None:
         span = ", ".join(f"[{a:.3g}, {b:.3g}]" for a, b in zip(lo, hi, strict=True))
         rows.append(("trajectory", f"spans {span}"))
     if cfg.plot:
-        try:
-            from .plot import surface_figures
-        except ModuleNotFoundError as e:
-            raise UserError(f"--plot needs landscape.plot ({e})") from None
+        from .plot import surface_figures
+
         for path in surface_figures(out, out.parent):
             rows.append(("figure", str(path)))
     print(cli.table(rows))
