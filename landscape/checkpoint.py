@@ -156,19 +156,24 @@ class CheckpointData:
     checkpoint: str = cli.arg(help="checkpoint written by landscape.train", positional=True)
     split: str = cli.arg("train", choices=["train", "test"], help="data to measure on")
     subset: int | None = cli.arg(None, help="a fixed random subset of N samples (default: all)")
-    batch_size: int = cli.arg(1024, help="evaluation batch size")
+    batch_size: int | None = cli.arg(
+        None,
+        help="evaluation batch size (default: 1024 on CUDA, 256 on CPU, where big "
+        "batches are slower)",
+    )
     seed: int = cli.arg(0, help="seed of the subset and of any random vectors or draws")
     device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     data_root: str | None = cli.arg(None, help="dataset cache directory")
 
     def load(self) -> tuple[nn.Module, Any, dict[str, Any]]:
         """:func:`load_with_data` with these settings."""
+        device = resolve_device(self.device)
         return load_with_data(
             self.checkpoint,
             split=self.split,
             subset=self.subset,
-            batch_size=self.batch_size,
-            device=resolve_device(self.device),
+            batch_size=self.batch_size or (1024 if device.type == "cuda" else 256),
+            device=device,
             seed=self.seed,
             data_root=self.data_root,
         )

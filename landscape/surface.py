@@ -639,6 +639,7 @@ def _settings(
     kind: str,
     source: str,
     epoch: int | None,
+    batch_size: int,
 ) -> dict[str, Any]:
     """What defines the numbers of a surface file (JSON-normalised): a rerun must match them
     to resume. Not progress, device, chunk, out, plot; the batch size only where it changes
@@ -657,7 +658,7 @@ def _settings(
         "bn": cfg.bn,
         "split": cfg.split,
         "subset": cfg.subset,
-        "batch_size": cfg.batch_size if cfg.bn == "recompute" else None,
+        "batch_size": batch_size if cfg.bn == "recompute" else None,
     }
     return json.loads(json.dumps(settings))
 
@@ -715,7 +716,7 @@ def _run(
     under torchrun every rank evaluates its share of a chunk and rank 0 writes it."""
     rank, world = rank_and_world()
     model, batches, info = dataclasses.replace(cfg, device=str(device)).load()
-    settings = _settings(cfg, x, y, kind, source, info.get("epoch"))
+    settings = _settings(cfg, x, y, kind, source, info.get("epoch"), batches.batch_size)
     fresh = cfg.overwrite or _refuse_other(out, settings)
     _barrier()
     if fresh and rank == 0:
