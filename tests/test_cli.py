@@ -136,3 +136,17 @@ def test_list_positional_takes_many_values():
 
     cfg, _ = cli.parse(Files, ["a.h5", "--out", "x", "b,c.h5"], "prog")
     assert cfg.files == ["a.h5", "b,c.h5"] and cfg.out == "x"
+
+
+def test_package_exposes_submodules_and_entry_points_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, landscape; assert 'matplotlib' not in sys.modules; "
+        "assert landscape.optim.SAM and landscape.hessian.top_eigenvalues; "
+        "assert landscape.train_model is landscape.train.train; "
+        "assert callable(landscape.load_checkpoint) and landscape.UserError; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
