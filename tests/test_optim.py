@@ -617,3 +617,10 @@ def test_closure_clips_the_global_gradient_norm():
             grad_clip=1.0,
             grad_scaler=torch.amp.GradScaler("cpu"),
         )
+
+
+@pytest.mark.parametrize("name", ["lastsam", "lookbehind-sam", "looksam", "gsam", "msam"])
+def test_every_variant_needs_a_closure(name):
+    opt = CASES[name][0](mlp().parameters())
+    with pytest.raises((RuntimeError, TypeError), match="needs a closure"):
+        opt.step()

@@ -53,8 +53,6 @@ class LookbehindSAM(SAM):
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        if closure is None:
-            raise RuntimeError("LookbehindSAM.step() needs a closure")
         self._scaler(closure)
         closure = torch.enable_grad()(closure)
         loss = self._clean_pass(closure)

@@ -43,8 +43,6 @@ class LookSAM(SAM):
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        if closure is None:
-            raise RuntimeError("LookSAM.step() needs a closure")
         self._scaler(closure)
         closure = torch.enable_grad()(closure)
         n = self._count_step()

@@ -159,8 +159,11 @@ class SAM(torch.optim.Optimizer):
                 "gradients of the scaled first pass); use bf16 autocast, or SAM/ASAM"
             )
 
-    def _scaler(self, closure: Closure) -> torch.amp.GradScaler | None:
-        """The closure's gradient scaler, if any, after checking this method supports it."""
+    def _scaler(self, closure: Closure | None) -> torch.amp.GradScaler | None:
+        """The closure's gradient scaler, if any, after checking there is a closure and
+        that this method supports the scaler."""
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure")
         scaler = getattr(closure, "grad_scaler", None)
         if scaler is not None:
             self._require_scale_invariance()
@@ -298,8 +301,6 @@ class LastSAM(SAM):
             if n == self.switch_step and self.reset_state:
                 self.base.state.clear()
             return super().step(closure)
-        if closure is None:
-            raise RuntimeError("LastSAM.step() needs a closure")
         self._scaler(closure)
         with torch.enable_grad():
             loss = closure()
