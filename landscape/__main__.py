@@ -6,19 +6,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = {
-    "demo": ("landscape.demo", "compare optimizers on the embedded digits dataset"),
-    "train": ("landscape.train", "train a model; log every epoch to HDF5, checkpoint"),
-    "sharpness": ("landscape.sharpness", "m-sharpness or adaptive sharpness of a checkpoint"),
-    "hessian": ("landscape.hessian", "Hessian eigenvalues, trace and density of a checkpoint"),
-    "surface": ("landscape.surface", "1D/2D loss surface of a checkpoint (random, PCA, interp)"),
-    "plot": ("landscape.plot", "figures from run, surface and measurement files"),
-}
+from .commands import COMMANDS
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     return (
         "usage: python -m landscape <command> [options]\n\n"
         "Loss-landscape analysis for PyTorch.\n\ncommands:\n" + "\n".join(lines) + "\n\n"
@@ -44,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    importlib.import_module(COMMANDS[name][0]).main(rest)
+    importlib.import_module(f".commands.{name}", __package__).main(rest)
 
 
 if __name__ == "__main__":

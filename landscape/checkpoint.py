@@ -16,15 +16,17 @@ Writes are atomic (temporary file + rename), so a crash never leaves half a chec
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import pickle
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
-from . import __version__, cli
-from .utils import UserError, resolve_device
+from . import __version__
+from .utils import UserError
 
 FORMAT = "landscape.checkpoint"
 VERSION = 1
@@ -69,16 +71,29 @@ def save(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
+    _atomic(path, lambda fh: torch.save(ckpt, fh))
+    return path
+
+
+def copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint atomically (e.g. ``last.pt`` to ``epoch_005.pt``): a kill during
+    the copy leaves no truncated ``dst``."""
+    with open(src, "rb") as fh:
+        _atomic(Path(dst), lambda out: shutil.copyfileobj(fh, out))
+    return Path(dst)
+
+
+def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write`` to a temporary file beside ``path``, flushed to disk, then renamed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(ckpt, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -88,7 +103,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -125,55 +140,3 @@ def load(
     except RuntimeError as e:
         raise UserError(f"{path} does not fit the model: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt
-
-
-def load_with_data(
-    path: str | Path,
-    *,
-    split: str = "train",
-    subset: int | None = None,
-    batch_size: int = 1024,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    data_root: str | Path | None = None,
-) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """``(model, batches, info)``: the checkpoint's model in eval mode and its dataset's
-    ``split`` (training labels as trained, label noise included; no augmentation), as a
-    device-resident loader over a fixed seeded ``subset``. What the measurement CLIs use."""
-    from .data import eval_loader, load_dataset
-
-    model, info = load(path, device=device)
-    if not info.get("data"):
-        raise UserError(f"{path} does not name its dataset; measure it from Python instead")
-    data = load_dataset(root=data_root, **info["data"]).to(device)
-    return model, eval_loader(data, batch_size, split=split, subset=subset, seed=seed), info
-
-
-@dataclass
-class CheckpointData:
-    """The settings every CLI that measures a checkpoint shares: which data, on what."""
-
-    checkpoint: str = cli.arg(help="checkpoint written by landscape.train", positional=True)
-    split: str = cli.arg("train", choices=["train", "test"], help="data to measure on")
-    subset: int | None = cli.arg(None, help="a fixed random subset of N samples (default: all)")
-    batch_size: int | None = cli.arg(
-        None,
-        help="evaluation batch size (default: 1024 on CUDA, 256 on CPU, where big "
-        "batches are slower)",
-    )
-    seed: int = cli.arg(0, help="seed of the subset and of any random vectors or draws")
-    device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    data_root: str | None = cli.arg(None, help="dataset cache directory")
-
-    def load(self) -> tuple[nn.Module, Any, dict[str, Any]]:
-        """:func:`load_with_data` with these settings."""
-        device = resolve_device(self.device)
-        return load_with_data(
-            self.checkpoint,
-            split=self.split,
-            subset=self.subset,
-            batch_size=self.batch_size or (1024 if device.type == "cuda" else 256),
-            device=device,
-            seed=self.seed,
-            data_root=self.data_root,
-        )

@@ -122,7 +122,9 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with one flag per field of the dataclass ``cls``."""
+    """An ``ArgumentParser`` with one flag per field of the dataclass ``cls``. A class
+    attribute ``SECTIONS = {first_field: title}`` groups the flags in ``--help``: each
+    title covers its field and those after it, up to the next one."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -135,7 +137,11 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         help="read settings from a TOML file (keys are the flag names); flags given on the "
         "command line override it",
     )
+    sections = getattr(cls, "SECTIONS", {})
+    group: Any = parser
     for f, tp in _fields(cls):
+        if f.name in sections:
+            group = parser.add_argument_group(sections[f.name])
         meta = f.metadata
         base, _ = _base_type(tp)
         default = _default(f)
@@ -152,15 +158,15 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             if typing.get_origin(base) is list:  # FILE ...: one or more values
                 (item,) = typing.get_args(base)
                 kw["nargs"] = "+" if default is dataclasses.MISSING else "*"
-                parser.add_argument(f.name, type=_converter(item), **kw)
+                group.add_argument(f.name, type=_converter(item), **kw)
                 continue
             if default is not dataclasses.MISSING:
                 kw["nargs"] = "?"
-            parser.add_argument(f.name, type=_converter(tp), **kw)
+            group.add_argument(f.name, type=_converter(tp), **kw)
         elif base is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         else:
-            parser.add_argument(_flag(f.name), type=_converter(tp), dest=f.name, **kw)
+            group.add_argument(_flag(f.name), type=_converter(tp), dest=f.name, **kw)
     return parser
 
 
@@ -211,6 +217,11 @@ def parse(
     (on the command line or in the TOML file)."""
     parser = build_parser(cls, prog, description or (cls.__doc__ or ""))
     argv = list(sys.argv[1:] if argv is None else argv)
+    renamed = getattr(cls, "RENAMED", {})
+    for token in argv:
+        name = token.split("=")[0]
+        if name.startswith("--") and name[2:].replace("-", "_") in renamed:
+            raise UserError(f"{name} was renamed: use {renamed[name[2:].replace('-', '_')]}")
     ns = vars(parser.parse_intermixed_args(_join_dash_values(parser, argv)))
     fields = {f.name: (f, tp) for f, tp in _fields(cls)}
     values: dict[str, Any] = {}
@@ -218,6 +229,8 @@ def parse(
     if config_file:
         for key, value in load_toml(config_file).items():
             name = key.replace("-", "_")
+            if name in renamed:
+                raise UserError(f"{config_file}: {key} was renamed: use {renamed[name]}")
             if name not in fields:
                 raise UserError(
                     f"{config_file}: unknown setting {key!r}; valid: {', '.join(sorted(fields))}"
@@ -257,35 +270,3 @@ def run(main: Callable[[], int | None], prog: str) -> None:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
-
-
-def write_output(
-    path: str | Path,
-    results: dict[str, Any],
-    attrs: dict[str, dict[str, Any]],
-    meta: dict[str, Any],
-) -> None:
-    """A measurement CLI's ``--out``: HDF5 (``.h5``/``.hdf5``, through :mod:`landscape.store`)
-    or JSON (``.json``), by extension."""
-    import numpy as np
-
-    from .store import write_results
-
-    suffix = Path(path).suffix.lower()
-    if suffix in (".h5", ".hdf5"):
-        write_results(path, results, attrs, meta)
-    elif suffix == ".json":
-        data = {
-            **meta,
-            "results": {k: np.asarray(v).tolist() for k, v in results.items()},
-            "settings": attrs,
-        }
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
-    else:
-        raise UserError(f"--out {path}: use a .h5 or .json file name")
-
-
-def table(rows: list[tuple[str, str]]) -> str:
-    """Two aligned columns."""
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

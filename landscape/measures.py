@@ -1,16 +1,16 @@
 """Measurements by name: what ``python -m landscape.train --measure ...`` runs per epoch.
 
-Each measure returns the values it stores (``measure/<name>`` in the run file, one row
-per epoch) and its settings (that dataset's attributes):
+Each measure returns the :class:`~landscape.records.Record` of its result
+(``measure/<name>`` in the run file, one row per epoch; settings and units as attributes):
 
 =====================  ======================================================================
 ``m_sharpness``        ``m_sharpness``, ``m_sharpness_error`` (Foret et al. 2021)
 ``adaptive_sharpness`` ``adaptive_sharpness``, ``adaptive_sharpness_error`` (Andriushchenko
                        et al. 2023; worst case by default)
-``hessian_top``        ``hessian_top``: the top ``k`` eigenvalues, largest first
+``hessian_top``        ``hessian_top``: the top ``k`` eigenvalues, largest first, residuals
 ``hessian_trace``      ``hessian_trace``, ``hessian_trace_stderr`` (Hutch++)
 ``density``            ``density_nodes``, ``density_weights``: the stochastic Lanczos quadrature
-                       of the spectrum; ``hessian.density_from_slq`` turns them into a density
+                       of the spectrum; ``spectra.density_from_slq`` turns them into a density
 =====================  ======================================================================
 
 All run on the same fixed batches every epoch (a seeded subset of the training set,
@@ -21,15 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
 from . import hessian, sharpness
+from .records import Record
 from .utils import Batches, LossFn, UserError
-
-Values = dict[str, Any]
-Settings = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -46,15 +43,14 @@ class MeasureSettings:
     seed: int = 0
 
 
-def _m_sharpness(model, loss_fn, batches, s: MeasureSettings) -> tuple[Values, Settings]:
-    r = sharpness.m_sharpness(model, loss_fn, batches, s.sharpness_rho, s.sharpness_m)
-    return {"m_sharpness": r.value, "m_sharpness_error": r.error_increase}, {
-        "m_sharpness": r.settings
-    }
+def _m_sharpness(model, loss_fn, batches, s: MeasureSettings) -> Record:
+    return sharpness.m_sharpness(
+        model, loss_fn, batches, s.sharpness_rho, s.sharpness_m
+    ).to_record()
 
 
-def _adaptive_sharpness(model, loss_fn, batches, s: MeasureSettings) -> tuple[Values, Settings]:
-    r = sharpness.adaptive_sharpness(
+def _adaptive_sharpness(model, loss_fn, batches, s: MeasureSettings) -> Record:
+    return sharpness.adaptive_sharpness(
         model,
         loss_fn,
         batches,
@@ -63,30 +59,22 @@ def _adaptive_sharpness(model, loss_fn, batches, s: MeasureSettings) -> tuple[Va
         norm=s.adaptive_norm,
         m=s.sharpness_m,
         seed=s.seed,
-    )
-    values = {"adaptive_sharpness": r.value, "adaptive_sharpness_error": r.error_increase}
-    return values, {"adaptive_sharpness": r.settings}
+    ).to_record()
 
 
-def _hessian_top(model, loss_fn, batches, s: MeasureSettings) -> tuple[Values, Settings]:
-    r = hessian.top_eigenvalues(model, loss_fn, batches, k=s.hessian_k, seed=s.seed)
-    settings = {"k": s.hessian_k, "tol": r.tol, "method": r.method, "n_hvp": r.n_hvp}
-    return {"hessian_top": r.values}, {"hessian_top": settings}
+def _hessian_top(model, loss_fn, batches, s: MeasureSettings) -> Record:
+    return hessian.top_eigenvalues(model, loss_fn, batches, k=s.hessian_k, seed=s.seed).to_record()
 
 
-def _hessian_trace(model, loss_fn, batches, s: MeasureSettings) -> tuple[Values, Settings]:
-    r = hessian.trace(model, loss_fn, batches, seed=s.seed)
-    values = {"hessian_trace": r.value, "hessian_trace_stderr": r.stderr}
-    return values, {"hessian_trace": {"method": r.method, "n_hvp": r.n_hvp}}
+def _hessian_trace(model, loss_fn, batches, s: MeasureSettings) -> Record:
+    return hessian.trace(model, loss_fn, batches, seed=s.seed).to_record()
 
 
-def _density(model, loss_fn, batches, s: MeasureSettings) -> tuple[Values, Settings]:
-    r = hessian.slq(model, loss_fn, batches, seed=s.seed)
-    values = {"density_nodes": r.nodes, "density_weights": r.weights}
-    return values, {"density_nodes": {"n_hvp": r.n_hvp, "seed": s.seed}}
+def _density(model, loss_fn, batches, s: MeasureSettings) -> Record:
+    return hessian.slq(model, loss_fn, batches, seed=s.seed).to_record()
 
 
-MEASURES: dict[str, Callable[..., tuple[Values, Settings]]] = {
+MEASURES: dict[str, Callable[..., Record]] = {
     "m_sharpness": _m_sharpness,
     "adaptive_sharpness": _adaptive_sharpness,
     "hessian_top": _hessian_top,
@@ -110,13 +98,8 @@ def measure(
     loss_fn: LossFn,
     batches: Batches,
     settings: MeasureSettings,
-) -> tuple[Values, Settings]:
-    """Run the named measures; returns ``(values, settings)`` keyed by stored name."""
+) -> list[Record]:
+    """Run the named measures; one :class:`~landscape.records.Record` each, exactly what
+    the measurement commands store for the same measure."""
     check_names(names)
-    values: Values = {}
-    attrs: Settings = {}
-    for name in names:
-        v, a = MEASURES[name](model, loss_fn, batches, settings)
-        values.update(v)
-        attrs.update(a)
-    return values, attrs
+    return [MEASURES[name](model, loss_fn, batches, settings) for name in names]

@@ -37,19 +37,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import cli
-from .checkpoint import CheckpointData
+from .distributed import all_reduce_sum, my_share, rank_and_world
 from .optim.functional import ascent_direction, global_norm
+from .records import LOSS, PERCENT, Record
 from .utils import (
     Batches,
     LossFn,
     UserError,
-    all_reduce_sum,
     correct_count,
     model_device,
-    my_share,
     preserved,
-    rank_and_world,
     to_device,
     trainable,
 )
@@ -92,6 +89,16 @@ class SharpnessResult:
 
     def __float__(self) -> float:
         return self.value
+
+    def to_record(self) -> Record:
+        """``m_sharpness`` (or ``adaptive_sharpness``), ``<name>_error`` (the error increase,
+        in percent), ``<name>_stderr`` (average case); settings: :attr:`settings`."""
+        name = "m_sharpness" if self.settings["kind"] == "m-sharpness" else "adaptive_sharpness"
+        values: dict[str, float] = {name: self.value, f"{name}_error": 100 * self.error_increase}
+        units = {name: LOSS, f"{name}_error": PERCENT}
+        if self.stderr is not None:
+            values[f"{name}_stderr"], units[f"{name}_stderr"] = self.stderr, LOSS
+        return Record(values, units, self.settings)
 
 
 # -- public measurements -------------------------------------------------------------------
@@ -605,84 +612,7 @@ def _run(
     )
 
 
-# -- command line ------------------------------------------------------------------------------
+if __name__ == "__main__":  # python -m landscape.sharpness: the command
+    from .commands.sharpness import main
 
-PROG = "python -m landscape.sharpness"
-
-
-@dataclass
-class SharpnessConfig(CheckpointData):
-    """Sharpness of a trained checkpoint: m-sharpness (default), or adaptive worst-case
-    (--worst) / average-case (--average) sharpness."""
-
-    rho: float = cli.arg(0.05, help="radius of the perturbation")
-    m: int = cli.arg(128, help="samples per chunk (each chunk gets its own perturbation)")
-    adaptive: bool = cli.arg(False, help="scale the perturbation elementwise by |w| (+ eta)")
-    eta: float = cli.arg(0.0, help="m-sharpness with --adaptive: T = |w| + eta")
-    worst: bool = cli.arg(False, help="worst case over the ball/box, by Auto-PGD")
-    average: bool = cli.arg(False, help="average case over random perturbations")
-    norm: str = cli.arg("l2", choices=list(NORMS), help="--worst/--average: l2 ball or linf box")
-    steps: int = cli.arg(20, help="--worst: ascent steps per chunk")
-    n_draws: int = cli.arg(20, help="--average: random draws per chunk")
-    random_init: bool = cli.arg(False, help="--worst: start from a random point of the set")
-    train_mode: bool = cli.arg(False, help="BatchNorm with batch statistics (default: eval mode)")
-    out: str | None = cli.arg(None, help="also write the result to FILE.h5 or FILE.json")
-    progress: bool = cli.arg(True, help="progress bar")
-
-
-def measure_checkpoint(cfg: SharpnessConfig) -> SharpnessResult:
-    """Run the measurement ``cfg`` describes on its checkpoint."""
-    if cfg.worst and cfg.average:
-        raise UserError("--worst and --average exclude each other")
-    model, batches, _ = cfg.load()
-    loss_fn = nn.CrossEntropyLoss()
-    common = {"train_mode": cfg.train_mode, "progress": cfg.progress}
-    if not (cfg.worst or cfg.average):
-        return m_sharpness(model, loss_fn, batches, cfg.rho, cfg.m, cfg.adaptive, cfg.eta, **common)
-    return adaptive_sharpness(
-        model,
-        loss_fn,
-        batches,
-        cfg.rho,
-        kind="worst" if cfg.worst else "average",
-        norm=cfg.norm,
-        adaptive=cfg.adaptive,
-        m=cfg.m,
-        steps=cfg.steps,
-        n_draws=cfg.n_draws,
-        seed=cfg.seed,
-        random_init=cfg.random_init,
-        **common,
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    def run() -> int:
-        cfg, _ = cli.parse(SharpnessConfig, argv, PROG)
-        r = measure_checkpoint(cfg)
-        name = {"m-sharpness": "m_sharpness"}.get(r.settings["kind"], "adaptive_sharpness")
-        settings = ", ".join(f"{k}={v}" for k, v in r.settings.items())
-        rows = [
-            ("measure", f"{name} ({settings})"),
-            ("data", f"{cfg.split}, {r.n_samples} samples in {r.n_chunks} chunks of m={cfg.m}"),
-            ("clean loss / error", f"{r.loss:.6g} / {100 * r.error:.2f}%"),
-            ("loss increase", f"{r.value:.6g}" + (f" +- {r.stderr:.2g}" if r.stderr else "")),
-            ("error increase", f"{100 * r.error_increase:+.2f}%"),
-        ]
-        if r.perturbation_norm is not None:
-            rows.append(("perturbation norm", f"{r.perturbation_norm:.4g} (<= rho)"))
-        print(cli.table(rows))
-        if cfg.out:
-            values = {name: r.value, f"{name}_error": r.error_increase}
-            if r.stderr is not None:
-                values[f"{name}_stderr"] = r.stderr
-            meta = {"checkpoint": cfg.checkpoint, "config": cli.to_dict(cfg)}
-            cli.write_output(cfg.out, values, {name: r.settings}, meta)
-            print(f"written to {cfg.out}")
-        return 0
-
-    cli.run(run, PROG)
-
-
-if __name__ == "__main__":
     main()

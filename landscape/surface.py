@@ -12,7 +12,7 @@ names where BatchNorm statistics move too):
 
 Evaluation: :func:`evaluate` on a grid, :func:`evaluate_points` on any list of points (the
 chunked, resumable and distributed entry), :func:`compute` for a complete
-:class:`~landscape.store.Surface` (the trainer's per-epoch surfaces). 2D arrays have shape
+:class:`~landscape.Surface` (the trainer's per-epoch surfaces). 2D arrays have shape
 ``(len(y), len(x))`` with entry ``[j, i]`` at ``(x[i], y[j])``: ``contour(x, y, z)`` is right.
 
 Speed: the data is put on the model's device once; each point sets the weights with
@@ -30,13 +30,8 @@ all-reduced, so every rank returns the full result. ``python -m landscape.surfac
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import math
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,32 +40,27 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from tqdm import tqdm
 
-from . import cli, store
-from .checkpoint import CheckpointData
+from .distributed import all_reduce_sum, my_share
+from .records import Surface
 from .utils import (
     Batches,
     LossFn,
     UserError,
-    all_reduce_sum,
     evaluate_batches,
     model_device,
-    my_share,
     preserved,
-    rank_and_world,
-    resolve_device,
     to_device,
     trainable,
 )
 
 __all__ = [
     "PCADirections",
-    "SurfaceConfig",
+    "as_arrays",
     "compute",
     "evaluate",
     "evaluate_points",
     "grid_points",
     "interpolation",
-    "parse_range",
     "pca_directions",
     "random_direction",
     "random_directions",
@@ -81,7 +71,7 @@ BN_MODES = ("eval", "recompute")
 DIRECTIONS = ("random", "pca", "interp")
 
 Direction = dict[str, Tensor]
-Source = str | Path | Mapping[str, Tensor] | nn.Module
+Source = Mapping[str, Tensor] | nn.Module | Callable[[], Mapping[str, Tensor]]
 
 
 # --------------------------------------------------------------------------- directions
@@ -163,27 +153,29 @@ def random_direction(
     return random_directions(model, 1, normalization, ignore, seed, bn_stats)[0]
 
 
-def _state(src: Source) -> tuple[dict[str, Tensor], int | None]:
-    """``(floating-point state, epoch)`` of a model, a state_dict or a checkpoint path."""
-    epoch = None
+def _state(src: Source) -> dict[str, Tensor]:
+    """The floating-point state of a model, a state_dict or a loader of one."""
     if isinstance(src, nn.Module):
         state = src.state_dict()
     elif isinstance(src, Mapping):
         state = src
+    elif callable(src):
+        state = src()
     else:
-        from .checkpoint import read
-
-        ckpt = read(src)
-        state, epoch = ckpt["state_dict"], ckpt.get("epoch")
-    return {k: v.detach() for k, v in state.items() if v.is_floating_point()}, epoch
+        raise UserError(
+            f"expected a model, a state_dict or a function returning one, got {src!r} (for a "
+            "checkpoint file: lambda: landscape.checkpoint.read(path)['state_dict'])"
+        )
+    return {k: v.detach() for k, v in state.items() if v.is_floating_point()}
 
 
 def interpolation(a: Source, b: Source) -> Direction:
     """The direction ``b - a`` over every floating-point entry (parameters and BatchNorm
     statistics), so that evaluating model ``a`` at ``x = 0`` gives ``a`` and at ``x = 1``
     gives ``b`` (Goodfellow et al., ICLR 2015). ``a``, ``b``: models, state_dicts or
-    checkpoint paths of the same architecture; the result is on ``a``'s device."""
-    sa, sb = _state(a)[0], _state(b)[0]
+    loaders of state_dicts (zero-argument callables), of the same architecture; the result
+    is on ``a``'s device."""
+    sa, sb = _state(a), _state(b)
     _check(
         sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa),
         "interpolation: the two models have different parameters",
@@ -201,13 +193,11 @@ class PCADirections:
             over its total variance (sklearn's ``PCA.explained_variance_ratio_``).
         coordinates: ``(T, k)`` projections of ``w_t - w_final`` onto the directions: the
             optimizer's path in the plot's coordinates (the final model at the origin).
-        epochs: the checkpoints' epochs, where all of them record one.
     """
 
     directions: list[Direction]
     explained_variance_ratio: np.ndarray
     coordinates: np.ndarray
-    epochs: list[int] | None
 
 
 def _gram(load: Any, count: int, block: int) -> np.ndarray:
@@ -243,7 +233,8 @@ def pca_directions(
     a block at a time (at most ``max_bytes`` of float64 vectors held), its centred
     eigendecomposition gives everything, and a second pass forms the directions.
 
-    ``checkpoints``, ``final``: checkpoint paths, state_dicts or models. The weights are
+    ``checkpoints``, ``final``: models, state_dicts, or zero-argument callables that load a
+    state_dict (so that a long trajectory is read a block at a time). The weights are
     ``final``'s trainable parameters if it is a model, else its floating-point entries
     except BatchNorm statistics (names ending in ``running_mean``/``running_var``).
     """
@@ -251,7 +242,7 @@ def pca_directions(
     count = len(checkpoints)
     _check(count >= 2, f"PCA needs at least 2 checkpoints, got {count}")
     _check(n_components in (1, 2), f"n_components must be 1 or 2, got {n_components}")
-    ref, _ = _state(final)
+    ref = _state(final)
     if isinstance(final, nn.Module):
         names = [n for n, _ in trainable(final)]
     else:
@@ -259,10 +250,9 @@ def pca_directions(
     shapes = [ref[n].shape for n in names]
     mask = torch.cat([torch.full((s.numel(),), len(s) > 1 or ignore is None) for s in shapes])
     flat_ref = torch.cat([ref[n].reshape(-1).double().cpu() for n in names])
-    epochs: list[int | None] = [None] * count
 
     def load(i: int) -> Tensor:
-        state, epochs[i] = _state(checkpoints[i])
+        state = _state(checkpoints[i])
         bad = [n for n in names if getattr(state.get(n), "shape", None) != ref[n].shape]
         if bad:
             raise UserError(f"checkpoint {i} does not fit the final model ({bad[0]})")
@@ -291,7 +281,6 @@ def pca_directions(
         directions=directions,
         explained_variance_ratio=evals / total,
         coordinates=G @ U / s,
-        epochs=None if None in epochs else [int(e) for e in epochs],
     )
 
 
@@ -360,8 +349,8 @@ def evaluate_points(
     autocast_dtype: torch.dtype | None = None,
     progress: bool | tqdm = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Loss and accuracy (fraction) at the points ``coords`` (shape ``(n, len(directions))``)
-    where the model's tensors are ``w0 + sum_k coords[:, k] d_k``.
+    """Loss and accuracy (in percent, as loss-landscape reports it) at the points ``coords``
+    (shape ``(n, len(directions))``) where the model's tensors are ``w0 + sum_k coords[:, k] d_k``.
 
     ``directions``: dicts ``name -> tensor or array``, names of parameters or buffers (missing
     names do not move). ``bn="eval"`` evaluates with the stored BatchNorm statistics;
@@ -392,7 +381,7 @@ def evaluate_points(
             if bn == "recompute":
                 _recompute_bn(model, data, autocast_dtype)
             r = evaluate_batches(model, loss_fn, data, autocast_dtype=autocast_dtype)
-            out[0, i], out[1, i] = r.loss, r.acc
+            out[0, i], out[1, i] = r.loss, 100 * r.acc
             bar.update()
         all_reduce_sum([out])
         bar.update(len(coords) - len(mine))
@@ -422,9 +411,10 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """``{"loss", "acc"}`` on the grid ``x`` (1D, one direction) or ``x`` by ``y`` (2D, two
-    directions): arrays of shape ``(len(x),)`` or ``(len(y), len(x))``, entry ``[j, i]`` at
-    ``w0 + x[i] d_x + y[j] d_y``. See :func:`evaluate_points` for the options."""
+    """``{"loss", "acc"}`` (accuracy in percent) on the grid ``x`` (1D, one direction) or ``x``
+    by ``y`` (2D, two directions): arrays of shape ``(len(x),)`` or ``(len(y), len(x))``,
+    entry ``[j, i]`` at ``w0 + x[i] d_x + y[j] d_y``. See :func:`evaluate_points` for the
+    options."""
     if isinstance(directions, Mapping):
         directions = [directions]
     _check(
@@ -445,20 +435,21 @@ def evaluate(
     return {"loss": loss.reshape(shape), "acc": acc.reshape(shape)}
 
 
-def _numpy(direction: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+def as_arrays(direction: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """A direction as numpy arrays, as stored (bfloat16/float16 as float32)."""
     return {
         n: t.detach().cpu().to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
         for n, t in direction.items()
     }
 
 
-def _blank(x: np.ndarray, y: np.ndarray | None, split: str, **kw: Any) -> store.Surface:
+def _blank(x: np.ndarray, y: np.ndarray | None, split: str, **kw: Any) -> Surface:
     """A surface with every point still to compute (NaN, not done)."""
     _check(split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}")
     shape = (len(x),) if y is None else (len(y), len(x))
     nan = np.full(shape, np.nan)
     values = {f"{split}_loss": nan, f"{split}_acc": nan.copy()}
-    return store.Surface(x=x, y=y, values=values, done=np.zeros(shape, dtype=bool), **kw)
+    return Surface(x=x, y=y, values=values, done=np.zeros(shape, dtype=bool), **kw)
 
 
 def compute(
@@ -476,7 +467,7 @@ def compute(
     split: str = "train",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
-) -> store.Surface:
+) -> Surface:
     """A complete surface along seeded random directions (:func:`random_directions`), ready
     for :func:`landscape.store.write_surface`: values ``{split}_loss``/``{split}_acc``, the
     directions, and every setting in ``attrs``/``direction_attrs``. The same seed gives the
@@ -505,279 +496,12 @@ def compute(
     )
     surface.values = {f"{split}_{k}": v for k, v in values.items()}
     surface.done[...] = True
-    surface.directions = [_numpy(d) for d in dirs]
+    surface.directions = [as_arrays(d) for d in dirs]
     surface.direction_attrs = settings
     return surface
 
 
-# --------------------------------------------------------------------------- command line
+if __name__ == "__main__":  # python -m landscape.surface: the command
+    from .commands.surface import main
 
-PROG = "python -m landscape.surface"
-
-
-@dataclass
-class SurfaceConfig(CheckpointData):
-    """Loss surface of a checkpoint along one (1D) or two (2D) directions: loss and accuracy
-    on a grid, written to a resumable HDF5 file (loss-landscape's dataset names).
-    Under torchrun the grid points are split across the processes."""
-
-    x: str = cli.arg("-1:1:51", help="x grid", metavar="START:STOP:NUM")
-    y: str | None = cli.arg(None, help="y grid: 2D surface (default: 1D)", metavar="START:STOP:NUM")
-    dir: str = cli.arg(
-        "random",
-        help="directions: random (filter-normalised Gaussian), pca:RUN_DIR (PCA of the path "
-        "RUN_DIR/epoch_*.pt to the checkpoint) or interp:OTHER.pt (1D: x=0 the checkpoint, "
-        "x=1 OTHER.pt)",
-    )
-    normalization: str = cli.arg(
-        "filter", choices=list(NORMALIZATIONS), help="scale of the random directions"
-    )
-    ignore: str = cli.arg(
-        "biasbn",
-        choices=["biasbn", "none"],
-        help="biasbn: biases and BatchNorm weights do not move (random and pca)",
-    )
-    bn_stats: bool = cli.arg(False, help="random dirs also move BatchNorm running statistics")
-    bn: str = cli.arg(
-        "eval", choices=list(BN_MODES), help="BatchNorm: stored statistics or recomputed per point"
-    )
-    bf16: bool = cli.arg(False, help="bfloat16 autocast (for CUDA)")
-    out: str | None = cli.arg(
-        None, help="HDF5 file (default: <checkpoint stem>_surface_<dir>_<1d|2d>.h5 beside it)"
-    )
-    overwrite: bool = cli.arg(False, help="replace an --out file that holds another surface")
-    chunk: int = cli.arg(8, help="grid points per process between two writes of --out")
-    plot: bool = cli.arg(False, help="draw the figures (landscape.plot) next to --out")
-    progress: bool = cli.arg(True, help="progress bar")
-
-
-def parse_range(text: str, flag: str = "--x") -> np.ndarray:
-    """``"START:STOP:NUM"`` -> ``np.linspace(START, STOP, NUM)``; one-line errors."""
-    parts = text.split(":")
-    try:
-        if len(parts) != 3:
-            raise ValueError(text)
-        start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected START:STOP:NUM, e.g. -1:1:51") from None
-    _check(
-        math.isfinite(start) and math.isfinite(stop) and start < stop,
-        f"{flag} {text!r}: START must be less than STOP",
-    )
-    _check(num >= 2, f"{flag} {text!r}: NUM must be at least 2")
-    return np.linspace(start, stop, num)
-
-
-def default_out(checkpoint: str | Path, kind: str, dims: int) -> Path:
-    """``<dir>/<stem>_surface_<kind>_<dims>d.h5`` beside the checkpoint."""
-    ckpt = Path(checkpoint)
-    return ckpt.with_name(f"{ckpt.stem}_surface_{kind}_{dims}d.h5")
-
-
-@contextlib.contextmanager
-def _distributed(name: str) -> Iterator[torch.device]:
-    """The device to use; under torchrun (``WORLD_SIZE > 1``) also the default process group
-    (NCCL on CUDA, one device per local rank; gloo on CPU), destroyed on exit."""
-    device = resolve_device(name)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        yield device
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield device
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _barrier() -> None:
-    if rank_and_world()[1] > 1:
-        torch.distributed.barrier()
-
-
-def _directions(
-    cfg: SurfaceConfig, kind: str, source: str, model: nn.Module, dims: int
-) -> dict[str, Any]:
-    """The ``directions``, ``direction_attrs`` (and PCA ``trajectory``) of a new surface."""
-    if kind == "random":
-        dirs = random_directions(model, dims, cfg.normalization, cfg.ignore, cfg.seed, cfg.bn_stats)
-        attrs = {
-            "kind": kind,
-            "seed": cfg.seed,
-            "normalization": cfg.normalization,
-            "ignore": cfg.ignore,
-            "bn_stats": cfg.bn_stats,
-        }
-        return {"directions": [_numpy(d) for d in dirs], "direction_attrs": attrs}
-    if kind == "interp":
-        d = interpolation(model, source)
-        attrs = {"kind": kind, "a": cfg.checkpoint, "b": source}
-        return {"directions": [_numpy(d)], "direction_attrs": attrs}
-    paths = sorted(Path(source).glob("epoch_*.pt"))
-    _check(paths, f"{source} holds no epoch_*.pt checkpoints (train with --save-every 1)")
-    r = pca_directions(paths, model, dims, cfg.ignore)
-    attrs = {"kind": kind, "run_dir": source, "ignore": cfg.ignore}
-    traj = {
-        "explained_variance_ratio": r.explained_variance_ratio,
-        "checkpoints": [str(p) for p in paths],
-        "epochs": r.epochs or [],
-    }
-    return {
-        "directions": [_numpy(d) for d in r.directions],
-        "direction_attrs": {**attrs, "explained_variance_ratio": r.explained_variance_ratio},
-        "trajectory": r.coordinates,
-        "trajectory_attrs": traj,
-    }
-
-
-def _settings(
-    cfg: SurfaceConfig,
-    x: np.ndarray,
-    y: np.ndarray | None,
-    kind: str,
-    source: str,
-    epoch: int | None,
-    batch_size: int,
-) -> dict[str, Any]:
-    """What defines the numbers of a surface file (JSON-normalised): a rerun must match them
-    to resume. Not progress, device, chunk, out, plot; the batch size only where it changes
-    the numbers (BatchNorm statistics recomputed from batches)."""
-    settings = {
-        "checkpoint": str(Path(cfg.checkpoint).resolve()),
-        "epoch": epoch,
-        "x": [x[0], x[-1], len(x)],
-        "y": None if y is None else [y[0], y[-1], len(y)],
-        "dir": kind,
-        "source": str(Path(source).resolve()) if source else "",
-        "seed": cfg.seed,
-        "normalization": cfg.normalization,
-        "ignore": cfg.ignore,
-        "bn_stats": cfg.bn_stats,
-        "bn": cfg.bn,
-        "split": cfg.split,
-        "subset": cfg.subset,
-        "batch_size": batch_size if cfg.bn == "recompute" else None,
-    }
-    return json.loads(json.dumps(settings))
-
-
-def _refuse_other(out: Path, settings: dict[str, Any]) -> bool:
-    """Whether ``out`` must be (re)started; a :class:`UserError` if it holds another surface."""
-    if not out.exists():
-        return True
-    stored = store.read_surface(out).attrs.get("settings")
-    stored = stored if isinstance(stored, dict) else {}
-    if stored != settings:
-        diff = [
-            f"{k} {stored.get(k)!r} there, {v!r} now"
-            for k, v in settings.items()
-            if stored.get(k) != v
-        ]
-        raise UserError(
-            f"{out} holds a different surface ({'; '.join(diff)}); "
-            "pass --overwrite to replace it or --out for another file"
-        )
-    return False
-
-
-def main(argv: list[str] | None = None) -> None:
-    def run() -> int:
-        cfg, _ = cli.parse(SurfaceConfig, argv, PROG)
-        x = parse_range(cfg.x, "--x")
-        y = None if cfg.y is None else parse_range(cfg.y, "--y")
-        kind, _, source = cfg.dir.partition(":")
-        _check(
-            kind in DIRECTIONS and bool(source) == (kind != "random"),
-            f"--dir {cfg.dir!r}: use random, pca:RUN_DIR or interp:OTHER.pt",
-        )
-        _check(kind != "interp" or y is None, "--dir interp: is 1D; drop --y")
-        _check(cfg.chunk >= 1, "--chunk must be >= 1")
-        dims = 1 if y is None else 2
-        out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, kind, dims)
-        with _distributed(cfg.device) as device:
-            _run(cfg, x, y, kind, source, out, device)
-        return 0
-
-    cli.run(run, PROG)
-
-
-def _run(
-    cfg: SurfaceConfig,
-    x: np.ndarray,
-    y: np.ndarray | None,
-    kind: str,
-    source: str,
-    out: Path,
-    device: torch.device,
-) -> None:
-    """Create ``out`` (or resume it) and evaluate its missing points, a chunk at a time;
-    under torchrun every rank evaluates its share of a chunk and rank 0 writes it."""
-    rank, world = rank_and_world()
-    model, batches, info = dataclasses.replace(cfg, device=str(device)).load()
-    settings = _settings(cfg, x, y, kind, source, info.get("epoch"), batches.batch_size)
-    fresh = cfg.overwrite or _refuse_other(out, settings)
-    _barrier()
-    if fresh and rank == 0:
-        out.unlink(missing_ok=True)
-        attrs = {k: v for k, v in settings.items() if v is not None}
-        attrs |= {"settings": settings, "config": cli.to_dict(cfg)}
-        attrs["n_samples"] = getattr(batches, "num_samples", -1)
-        surface = _blank(x, y, cfg.split, attrs=attrs)
-        for k, v in _directions(cfg, kind, source, model, 1 if y is None else 2).items():
-            setattr(surface, k, v)
-        store.write_surface(out, surface)
-    _barrier()
-    surface = store.read_surface(out)
-    points = grid_points(x, y)
-    todo = np.flatnonzero(~surface.done.reshape(-1))
-    with tqdm(
-        total=len(points),
-        initial=len(points) - len(todo),
-        desc="surface",
-        unit="pt",
-        disable=not cfg.progress or rank != 0,
-    ) as bar:
-        for start in range(0, len(todo), cfg.chunk * world):
-            index = todo[start : start + cfg.chunk * world]
-            loss, acc = evaluate_points(
-                model,
-                nn.CrossEntropyLoss(),
-                batches,
-                surface.directions,
-                points[index],
-                bn=cfg.bn,
-                autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
-                progress=bar,
-            )
-            if rank == 0:
-                values = {f"{cfg.split}_loss": loss, f"{cfg.split}_acc": acc}
-                store.write_surface_points(out, index, values)
-    if rank == 0:
-        _report(out, cfg)
-
-
-def _report(out: Path, cfg: SurfaceConfig) -> None:
-    s = store.read_surface(out)
-    loss = s.values[f"{cfg.split}_loss"]
-    j = np.unravel_index(np.where(np.isfinite(loss), loss, np.inf).argmin(), loss.shape)
-    at = f"x={s.x[j[-1]]:.4g}" + ("" if s.y is None else f", y={s.y[j[0]]:.4g}")
-    rows = [
-        ("surface", f"{out}  ({' x '.join(map(str, loss.shape[::-1]))} points, {cfg.split})"),
-        ("min loss", f"{loss[j]:.6g} at {at}"),
-    ]
-    if s.trajectory is not None:
-        lo, hi = s.trajectory.min(0), s.trajectory.max(0)
-        span = ", ".join(f"[{a:.3g}, {b:.3g}]" for a, b in zip(lo, hi, strict=True))
-        rows.append(("trajectory", f"spans {span}"))
-    if cfg.plot:
-        from .plot import surface_figures
-
-        for path in surface_figures(out, out.parent):
-            rows.append(("figure", str(path)))
-    print(cli.table(rows))
-
-
-if __name__ == "__main__":
     main()

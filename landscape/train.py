@@ -1,4 +1,5 @@
-"""Training: ``python -m landscape.train`` and :func:`train` from Python.
+"""Training: :class:`TrainConfig`, :class:`Trainer` and :func:`train` (the command is
+:mod:`landscape.commands.train`).
 
 Every epoch appends train/test loss and accuracy, learning rate and wall time to
 ``<out>/run.h5`` and writes ``<out>/last.pt`` (atomically); ``--save-every N`` also keeps
@@ -14,20 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, cli, measures, optim, store, surface
+from . import checkpoint, cli, measures, optim, surface
 from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
 from .models import create_model, model_names
 from .store import RunLog
@@ -42,6 +42,21 @@ RUNTIME = {"out", "resume", "overwrite", "device", "progress", "data_root", "eva
 @dataclass
 class TrainConfig:
     """Train a model on a dataset and log every epoch to HDF5 with checkpoints."""
+
+    SECTIONS: ClassVar[dict[str, str]] = {
+        "dataset": "data",
+        "model": "model",
+        "optimizer": "optimizer",
+        "rho": "SAM family (each option goes with the methods it names; unset: the paper's)",
+        "lr": "optimization",
+        "measure": "per-epoch measurements",
+        "device": "runtime and output",
+    }
+    # flags of earlier versions -> what replaced them
+    RENAMED: ClassVar[dict[str, str]] = {
+        "k": "--lookbehind-k or --looksam-k",
+        "alpha": "--lookbehind-alpha, --looksam-alpha or --gsam-alpha",
+    }
 
     # data
     dataset: str = cli.arg("digits", help="dataset: " + ", ".join(dataset_names()))
@@ -85,14 +100,17 @@ class TrainConfig:
         help="adaptive methods: scale every parameter, or only those named *weight* "
         "(the official ASAM code)",
     )
-    k: int | None = cli.arg(
-        None, help="lookbehind: ascent steps per step (2); looksam: SAM every k steps (5)"
+    lookbehind_k: int | None = cli.arg(
+        None, help="lookbehind-sam/-asam: ascent steps per step (default 2)"
     )
-    alpha: float | None = cli.arg(
-        None,
-        help="lookbehind: slow-weight step, -1 adaptive (0.5); looksam: mixing (0.7); "
-        "gsam: surrogate-gap weight (0.3)",
+    lookbehind_alpha: float | None = cli.arg(
+        None, help="lookbehind-sam/-asam: slow-weight step size, -1 adaptive (default 0.5)"
     )
+    looksam_k: int | None = cli.arg(None, help="looksam: a SAM step every k steps (default 5)")
+    looksam_alpha: float | None = cli.arg(
+        None, help="looksam: weight of the stored sharpness direction (default 0.7)"
+    )
+    gsam_alpha: float | None = cli.arg(None, help="gsam: surrogate-gap weight (default 0.3)")
     sam_epochs: int | None = cli.arg(None, help="lastsam: use SAM for the last N epochs")
     rho_min: float | None = cli.arg(None, help="gsam: radius at the end of the lr schedule (0)")
     sigma: float | None = cli.arg(None, help="friendly-sam: weight of the full-gradient EMA (1)")
@@ -204,6 +222,13 @@ class TrainConfig:
         return Path(self.out or default)
 
 
+def run_label(cfg: TrainConfig) -> str:
+    """How figures name a run: ``sam``, or ``sam (adam)`` for a SAM-family method on
+    another base optimizer."""
+    wrapped = cfg.optimizer not in optim.BASES and cfg.base != "sgd"
+    return f"{cfg.optimizer} ({cfg.base})" if wrapped else cfg.optimizer
+
+
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -232,7 +257,16 @@ def lr_lambda(
 
 
 SURFACES = ("surface_1d", "surface_2d")
-SAM_OPTIONS = ("rho", "eta", "adaptive", "k", "alpha", "rho_min", "sigma", "lmbda", "m")
+# TrainConfig fields named for one method family -> (its optimizers, their keyword)
+METHOD_OPTIONS = {
+    "lookbehind_k": (("lookbehind-sam", "lookbehind-asam"), "k"),
+    "lookbehind_alpha": (("lookbehind-sam", "lookbehind-asam"), "alpha"),
+    "looksam_k": (("looksam",), "k"),
+    "looksam_alpha": (("looksam",), "alpha"),
+    "gsam_alpha": (("gsam",), "alpha"),
+}
+# the SAM-family options passed as they are (the optimizer says which it takes)
+SAM_OPTIONS = ("rho", "eta", "adaptive", "rho_min", "sigma", "lmbda", "m")
 
 
 def optimizer_kwargs(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
@@ -245,6 +279,14 @@ def optimizer_kwargs(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
     else:
         kw.update(betas=tuple(cfg.betas))
     kw.update({k: getattr(cfg, k) for k in SAM_OPTIONS if getattr(cfg, k) is not None})
+    for field, (methods, name) in METHOD_OPTIONS.items():
+        value = getattr(cfg, field)
+        if value is None:
+            continue
+        if cfg.optimizer not in methods:
+            flag = "--" + field.replace("_", "-")
+            raise UserError(f"{flag} goes with --optimizer {' or '.join(methods)}")
+        kw[name] = value
     if cfg.sam_epochs is not None:
         kw["switch_step"] = (cfg.epochs - cfg.sam_epochs) * steps_per_epoch
     return kw
@@ -339,7 +381,8 @@ class Trainer:
         if cfg.resume and (self.out / LAST).exists():
             self._restore(checkpoint.read(self.out / LAST, map_location=self.device))
         else:
-            self.log = RunLog.create(self.out / RUN_FILE, cli.to_dict(cfg))
+            attrs = {"label": run_label(cfg), "world_size": 1}
+            self.log = RunLog.create(self.out / RUN_FILE, cli.to_dict(cfg), attrs=attrs)
 
     def _prepare_out_dir(self, cfg: TrainConfig, explicit: set[str] | None) -> TrainConfig:
         """Refuse to mix runs; with ``--resume``, adopt the stored config."""
@@ -407,10 +450,11 @@ class Trainer:
             autocast_dtype=self.autocast,
         )
         s.directions = []
-        store.write_surface(self.log.path, s, group=store.surface_group(self.epoch))
+        self.log.add_surface(self.epoch, s)
 
     def train_epoch(self, bar: tqdm | None = None) -> tuple[float, float]:
-        """One pass over the training data; returns (mean loss, accuracy) of the clean passes."""
+        """One pass over the training data; returns the mean loss and the accuracy (in
+        percent) of the clean passes."""
         model, opt = self.model, self.optimizer
         model.train()
         self.train_batches.set_epoch(self.epoch)
@@ -445,7 +489,7 @@ class Trainer:
                     )
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
-        return (loss_sum / n).item(), hits.item() / seen
+        return (loss_sum / n).item(), 100 * hits.item() / seen
 
     def fit(self) -> dict[str, float]:
         """Train to ``cfg.epochs``; returns the last epoch's metrics."""
@@ -481,15 +525,15 @@ class Trainer:
                     "train/loss": train_loss,
                     "train/acc": train_acc,
                     "test/loss": test.loss,
-                    "test/acc": test.acc,
+                    "test/acc": 100 * test.acc,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "time_s": time.perf_counter() - start,
                 }
-                values, attrs = {}, {}
+                records = []
                 due = self.epoch % cfg.measure_every == 0 or self.epoch == cfg.epochs
                 names = [m for m in cfg.measure if m not in SURFACES]
                 if names and due:
-                    values, attrs = measures.measure(
+                    records = measures.measure(
                         names,
                         self.model,
                         self.eval_loss,
@@ -497,12 +541,13 @@ class Trainer:
                         self.measure_settings,
                     )
                 # Log first, then checkpoint: a kill in between redoes this epoch on resume.
-                self.log.append(self.epoch, metrics, values, attrs)
+                self.log.append(self.epoch, metrics, records)
                 if due and any(m in SURFACES for m in cfg.measure):
                     self._surface()
                 self._save(self.out / LAST, metrics)
                 if cfg.save_every and self.epoch % cfg.save_every == 0:
-                    shutil.copyfile(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")
+                    checkpoint.copy(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")
+                values = {k: v for r in records for k, v in r.values.items()}
                 tqdm.write(format_epoch(self.epoch, cfg.epochs, metrics, values), file=sys.stderr)
         self.log.set_status("finished")
         return metrics
@@ -517,8 +562,8 @@ def format_epoch(
     """One line per epoch: metrics, then the scalar measures (top eigenvalue first)."""
     line = (
         f"epoch {epoch:>{len(str(epochs))}}/{epochs}  "
-        f"train loss {m['train/loss']:.4f} acc {100 * m['train/acc']:5.1f}%  "
-        f"test loss {m['test/loss']:.4f} acc {100 * m['test/acc']:5.1f}%  "
+        f"train loss {m['train/loss']:.4f} acc {m['train/acc']:5.1f}%  "
+        f"test loss {m['test/loss']:.4f} acc {m['test/acc']:5.1f}%  "
         f"lr {m['lr']:.3g}  {m['time_s']:.1f}s"
     )
     for name in SHOWN:
@@ -539,22 +584,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
     return trainer.out
 
 
-PROG = "python -m landscape.train"
+if __name__ == "__main__":  # python -m landscape.train: the command
+    from .commands.train import main
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    def run() -> int:
-        cfg, explicit = cli.parse(TrainConfig, argv, PROG)
-        try:
-            out = train(cfg, explicit)
-        except Diverged as e:
-            print(f"{PROG}: diverged: {e}", file=sys.stderr)
-            return 3
-        print(f"run saved in {out}/ ({RUN_FILE}, {LAST})", file=sys.stderr)
-        return 0
-
-    cli.run(run, PROG)
-
-
-if __name__ == "__main__":
     main()

@@ -31,7 +31,7 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_runs(tmp_path_factory):
     """A reduced ``python -m landscape demo``: two optimizers, 3 epochs, small grids."""
-    from landscape.demo import main
+    from landscape.commands.demo import main
 
     out = tmp_path_factory.mktemp("demo")
     argv = ["--optimizers", "sgd,lastsam,sam:adam", "--epochs", "3", "--subset", "300"]

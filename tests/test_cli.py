@@ -1,4 +1,5 @@
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -111,6 +112,39 @@ def test_parser_mirrors_every_field():
     parser = cli.build_parser(Cfg, "prog", "")
     dests = {a.dest for a in parser._actions} - {"help", "config"}
     assert dests == {"path", "x", "lr", "alpha", "epochs", "flag", "names", "clip", "kw", "mode"}
+
+
+@dataclass
+class Renamed:
+    """A config whose flags were renamed and grouped."""
+
+    SECTIONS: ClassVar[dict[str, str]] = {"new_k": "method options", "out": "output"}
+    RENAMED: ClassVar[dict[str, str]] = {"old_k": "--new-k"}
+
+    new_k: int = cli.arg(1, help="k")
+    out: str = cli.arg("o", help="output")
+
+
+@pytest.mark.parametrize("argv", [["--old-k", "3"], ["--old-k=3"], ["--out", "x", "--old_k", "3"]])
+def test_renamed_flags_say_what_replaced_them(argv):
+    with pytest.raises(UserError, match=r"^--old[-_]k was renamed: use --new-k$"):
+        cli.parse(Renamed, argv, "prog")
+    assert cli.parse(Renamed, ["--new-k", "3"], "prog")[0].new_k == 3
+
+
+def test_renamed_settings_in_toml(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("old-k = 3\n")
+    with pytest.raises(UserError, match=f"^{f}: old-k was renamed: use --new-k$"):
+        cli.parse(Renamed, ["--config", str(f)], "prog")
+
+
+def test_sections_group_the_help():
+    text = cli.build_parser(Renamed, "prog", "").format_help()
+    sections = text.split("\n\n")  # usage, options, then one block per section
+    assert sections[-2].startswith("method options:\n  --new-k")
+    assert sections[-1].startswith("output:\n  --out")
+    assert "old" not in text and "SECTIONS" not in text
 
 
 def test_run_turns_user_error_into_one_line(capsys):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from landscape import store, surface
+from landscape import store
+from landscape.commands import surface
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,4 +48,5 @@ def test_two_processes_write_the_single_process_file(trained_run, tmp_path):
         np.testing.assert_allclose(dist.values[name], single.values[name], rtol=1e-6, atol=0)
     for a, b in zip(dist.directions, single.directions):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert dist.attrs["settings"] == single.attrs["settings"]
+    assert dist.attrs["settings"] == single.attrs["settings"]  # the fingerprint too
+    assert (dist.attrs["world_size"], single.attrs["world_size"]) == (2, 1)

@@ -20,12 +20,12 @@ from torch.func import functional_call, replace_all_batch_norm_modules_
 from landscape.hessian import (
     HessianOperator,
     density,
-    density_from_slq,
     hvp,
     slq,
     top_eigenvalues,
     trace,
 )
+from landscape.spectra import density_from_slq
 from landscape.utils import UserError, trainable
 
 LOSS = nn.CrossEntropyLoss()
@@ -110,7 +110,7 @@ def case(request):
 @pytest.mark.parametrize("n_batches", [1, 3])
 def test_hvp_matches_dense(case, backend, n_batches):
     model, batches, _ = case
-    if n_batches == 1:  # one batch: "auto" keeps the graph
+    if n_batches == 1:  # one batch: "auto" keeps the graph (else: plain double backward)
         batches = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
     h = dense_hessian(model, batches)
     op = HessianOperator(model, LOSS, batches, backend=backend)
@@ -120,7 +120,7 @@ def test_hvp_matches_dense(case, backend, n_batches):
         hv = flat(op.matvec(v))
         assert (hv - h @ flat(v)).abs().max().item() < 1e-10 * h.abs().max().item()
     assert op.n_hvp == 2 and op.n_samples == 23
-    expected = {"auto": "cached" if n_batches == 1 else "func"}.get(backend, backend)
+    expected = {"auto": "cached" if n_batches == 1 else "double"}.get(backend, backend)
     assert op.engine == expected
 
 
@@ -372,9 +372,8 @@ def test_model_unchanged(name, train_mode):
 @pytest.mark.parametrize("backend", ["auto", "func", "double"])
 @pytest.mark.parametrize("name", list(CALLS))
 def test_model_unchanged_on_exception(name, backend):
-    """A loss that raises from its second call on, in train mode: everything is restored.
-    (From the second on: ``"auto"`` retries a failed ``torch.func`` product by double
-    backward, which must fail too for the error to be the user's.)"""
+    """A loss that raises from its second call on (after the first batch), in train mode:
+    everything is restored and the error is the user's."""
     model = contract_model()
     snap = snapshot(model)
     calls = []
@@ -444,17 +443,119 @@ class _Square(nn.Module):
         return _OldStyleSquare.apply(x)
 
 
-def test_auto_falls_back_to_double_backward():
+def test_auto_is_double_backward_and_never_tries_func(monkeypatch):
+    """``"auto"`` is a fixed rule, not a try-and-fall-back: double backward, never
+    ``torch.func``; so a model that ``torch.func`` cannot transform works under it, and the
+    loss runs once per batch and product."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), _Square(), nn.Linear(5, 3)).double()
-    batches = data(model)
+    batches = data(model)  # three batches: no kept graph
     h = dense_hessian(model, batches)
     v = [torch.randn_like(p) for _, p in trainable(model)]
-    op = HessianOperator(model, LOSS, batches)
-    assert (flat(op.matvec(v)) - h @ flat(v)).abs().max().item() < 1e-10
-    assert op.engine == "double"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError):  # torch.func cannot transform this model
         HessianOperator(model, LOSS, batches, backend="func").matvec(v)
+
+    def never(*args, **kwargs):
+        raise AssertionError("auto tried torch.func")
+
+    monkeypatch.setattr(HessianOperator, "_func_hvp", never)
+    calls = []
+
+    def counting(out, y):
+        calls.append(len(y))
+        return LOSS(out, y)
+
+    op = HessianOperator(model, counting, batches)
+    for n_hvp in (1, 2):
+        assert (flat(op.matvec(v)) - h @ flat(v)).abs().max().item() < 1e-10
+        assert op.engine == "double" and len(calls) == n_hvp * len(batches)
+    assert calls == [10, 10, 3] * 2
+
+    whole = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
+    calls.clear()
+    op = HessianOperator(model, counting, whole)  # one batch: the graph is kept
+    for _ in range(3):
+        assert (flat(op.matvec(v)) - h @ flat(v)).abs().max().item() < 1e-10
+    assert op.engine == "cached" and calls == [23]  # later products reuse the graph
+
+
+def test_auto_propagates_the_first_error_of_user_code():
+    model = convnet()
+    calls = []
+
+    def broken(out, y):
+        calls.append(1)
+        raise ValueError("bad loss")
+
+    v = [torch.ones_like(p) for _, p in trainable(model)]
+    for batches in (data(model), data(model, sizes=(23,))):
+        calls.clear()
+        with pytest.raises(ValueError, match="bad loss"):
+            HessianOperator(model, broken, batches).matvec(v)
+        assert calls == [1]  # not retried another way
+
+
+def test_results_become_records_with_units_and_settings():
+    model = mlp()
+    batches = data(model)
+    top = top_eigenvalues(model, LOSS, batches, k=2, tol=1e-6, seed=3, max_hvp=40)
+    assert (top.seed, top.max_hvp) == (3, 40)
+    r = top.to_record()
+    assert set(r.values) == {"hessian_top", "hessian_top_residuals", "hessian_top_n_hvp"}
+    assert (
+        list(r.values["hessian_top"]) == list(top.values)
+        and r.values["hessian_top_n_hvp"] == top.n_hvp
+    )
+    assert r.units == {
+        "hessian_top": "loss/weight^2",
+        "hessian_top_residuals": "loss/weight^2",
+        "hessian_top_n_hvp": "1",
+    }
+    assert r.settings == {
+        "k": 2,
+        "which": "LA",
+        "tol": 1e-6,
+        "method": "lanczos",
+        "max_hvp": 40,
+        "seed": 3,
+        "train_mode": False,
+    }
+    bottom = top_eigenvalues(model, LOSS, batches, k=1, which="SA").to_record()
+    assert set(bottom.values) == {
+        "hessian_bottom",
+        "hessian_bottom_residuals",
+        "hessian_bottom_n_hvp",
+    }
+    assert bottom.settings["which"] == "SA" and bottom.settings["max_hvp"] == 300
+
+    tr = trace(model, LOSS, batches, method="hutchinson", tol=0.1, max_hvp=20, seed=2)
+    assert (tr.tol, tr.max_hvp, tr.seed) == (0.1, 20, 2)
+    r = tr.to_record()
+    assert r.values == {
+        "hessian_trace": tr.value,
+        "hessian_trace_stderr": tr.stderr,
+        "hessian_trace_n_hvp": tr.n_hvp,
+    }
+    assert r.units["hessian_trace"] == r.units["hessian_trace_stderr"] == "loss/weight^2"
+    assert r.settings == {
+        "method": "hutchinson",
+        "tol": 0.1,
+        "max_hvp": 20,
+        "seed": 2,
+        "train_mode": False,
+    }
+
+    sq = slq(model, LOSS, batches, n_v=2, steps=4, seed=5)
+    assert sq.seed == 5
+    r = sq.to_record()
+    assert set(r.values) == {"density_nodes", "density_weights", "density_n_hvp"}
+    assert r.values["density_nodes"].shape == r.values["density_weights"].shape == (2, 4)
+    assert r.units == {
+        "density_nodes": "loss/weight^2",
+        "density_weights": "1",
+        "density_n_hvp": "1",
+    }
+    assert r.settings == {"n_v": 2, "steps": 4, "seed": 5, "train_mode": False}
 
 
 def test_bad_arguments():

@@ -2,10 +2,11 @@
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 
-from landscape import sharpness
+from landscape.commands import hessian, sharpness
 from landscape.store import read_results
 
 
@@ -39,10 +40,22 @@ def test_sharpness_cli_table_and_outputs(trained_run, tmp_path, capsys):
         "--no-progress",
     ]
     assert run(sharpness, argv) == 0
+    (row,) = [r for r in capsys.readouterr().out.splitlines() if r.startswith("error increase")]
     values, attrs = read_results(h5)
+    assert set(values) == {"adaptive_sharpness", "adaptive_sharpness_error"}
     assert values["adaptive_sharpness"] >= 0
     assert attrs["adaptive_sharpness"]["kind"] == "worst"
     assert attrs["adaptive_sharpness"]["norm"] == "linf"
+    assert attrs["adaptive_sharpness"]["units"] == "loss"
+    # the error increase is stored in percent, as printed
+    assert attrs["adaptive_sharpness_error"]["units"] == "%"
+    assert attrs["adaptive_sharpness_error"]["kind"] == "worst"
+    shown = float(row.split()[-1].rstrip("%"))
+    assert values["adaptive_sharpness_error"] == pytest.approx(shown, abs=0.006)
+    with h5py.File(h5) as f:  # provenance
+        assert f.attrs["checkpoint"] == str((trained_run / "last.pt").resolve())
+        assert (f.attrs["split"], f.attrs["subset"], f.attrs["world_size"]) == ("train", 256, 1)
+        assert f.attrs["n_samples"] == 256 and f.attrs["epoch"] == 2
 
     js = tmp_path / "s.json"
     argv = [
@@ -58,8 +71,18 @@ def test_sharpness_cli_table_and_outputs(trained_run, tmp_path, capsys):
     ]
     assert run(sharpness, argv) == 0
     data = json.loads(js.read_text())
-    assert data["settings"]["adaptive_sharpness"]["kind"] == "average"
-    assert "adaptive_sharpness_stderr" in data["results"]
+    results = data["results"]
+    assert set(results) == {
+        "adaptive_sharpness",
+        "adaptive_sharpness_error",
+        "adaptive_sharpness_stderr",
+    }
+    assert results["adaptive_sharpness"]["settings"]["kind"] == "average"
+    assert results["adaptive_sharpness_stderr"]["settings"]["kind"] == "average"
+    assert results["adaptive_sharpness_error"]["units"] == "%"
+    assert results["adaptive_sharpness_stderr"]["units"] == "loss"
+    assert isinstance(results["adaptive_sharpness_stderr"]["value"], float)
+    assert data["split"] == "train" and data["subset"] == 256 and data["epoch"] == 2
 
 
 @pytest.mark.parametrize(
@@ -82,8 +105,6 @@ def test_sharpness_cli_missing_checkpoint(tmp_path, capsys):
 
 
 def test_hessian_cli_table_and_h5(trained_run, tmp_path, capsys):
-    from landscape import hessian
-
     h5 = tmp_path / "h.h5"
     argv = [
         str(trained_run / "last.pt"),
@@ -110,18 +131,30 @@ def test_hessian_cli_table_and_h5(trained_run, tmp_path, capsys):
     )
     assert values["hessian_bottom"][0] <= values["hessian_top"][1]
     assert values["density_nodes"].shape == (1, 20)
+    assert values["density_weights"].shape == (1, 20) and values["density_n_hvp"] == 20
     assert attrs["hessian_trace"]["method"] == "hutch++"
+    assert set(values) == {
+        *("hessian_top", "hessian_top_residuals", "hessian_top_n_hvp"),
+        *("hessian_bottom", "hessian_bottom_residuals", "hessian_bottom_n_hvp"),
+        *("hessian_trace", "hessian_trace_stderr", "hessian_trace_n_hvp"),
+        *("density_nodes", "density_weights", "density_n_hvp"),
+    }
+    # every dataset carries its record's settings and units
+    assert attrs["hessian_top_residuals"]["k"] == 2 and attrs["hessian_top"]["which"] == "LA"
+    assert attrs["hessian_bottom_n_hvp"]["which"] == "SA" and attrs["hessian_bottom"]["k"] == 1
+    assert attrs["hessian_trace_stderr"]["max_hvp"] == 150
+    assert attrs["density_weights"]["steps"] == 20 and attrs["density_nodes"]["n_v"] == 1
+    assert attrs["hessian_top"]["units"] == attrs["hessian_trace"]["units"] == "loss/weight^2"
+    assert attrs["density_weights"]["units"] == attrs["hessian_top_n_hvp"]["units"] == "1"
 
 
 def test_hessian_cli_nothing_to_do(trained_run, capsys):
-    from landscape import hessian
-
     assert run(hessian, [str(trained_run / "last.pt"), "--top", "0"]) == 2
     assert "nothing to compute" in capsys.readouterr().err
 
 
 def test_per_epoch_measures_in_training(tmp_path):
-    from landscape.hessian import density_from_slq
+    from landscape.spectra import density_from_slq
     from landscape.store import read_run
     from landscape.train import TrainConfig, train
 
@@ -146,6 +179,15 @@ def test_per_epoch_measures_in_training(tmp_path):
         assert np.isnan(run_.measures[name][0]) and np.isfinite(run_.measures[name][1:]).all()
     assert run_.measure_attrs["m_sharpness"]["rho"] == 0.05
     assert run_.measure_attrs["adaptive_sharpness"]["norm"] == "linf"
+    assert run_.measure_attrs["m_sharpness_error"]["units"] == "%"
+    assert run_.measure_attrs["hessian_top"]["units"] == "loss/weight^2"
+    assert run_.measure_attrs["hessian_top_residuals"]["k"] == 2
+    assert run_.measures["hessian_top_n_hvp"].shape == (3,)
+    assert run_.measures["density_n_hvp"][2] == 100
+    errors = run_.measures["m_sharpness_error"][1:]  # percent: a change of whole samples
+    assert (np.abs(errors) <= 100).all() and np.allclose(
+        errors * 64 / 100, np.round(errors * 64 / 100)
+    )
     grid, dens = density_from_slq(
         run_.measures["density_nodes"][2], run_.measures["density_weights"][2]
     )
@@ -173,8 +215,9 @@ def test_measuring_leaves_training_untouched(tmp_path):
 
 
 def test_per_epoch_surfaces_in_training(tmp_path, capsys):
+    from landscape.commands.train import main
     from landscape.store import read_run, read_surface
-    from landscape.train import TrainConfig, main, train
+    from landscape.train import TrainConfig, train
 
     cfg = TrainConfig(
         dataset="synthetic",
@@ -193,13 +236,13 @@ def test_per_epoch_surfaces_in_training(tmp_path, capsys):
     assert line.y is None and line.complete and line.values["train_loss"].shape == (5,)
     from torch import nn
 
-    from landscape.checkpoint import load_with_data
+    from landscape.commands.common import load_with_data
     from landscape.utils import evaluate_batches
 
     model, batches, _ = load_with_data(tmp_path / "last.pt", subset=64, batch_size=1024)
     centre = evaluate_batches(model, nn.CrossEntropyLoss(), batches)  # x = 0 is the model
     assert line.values["train_loss"][2] == pytest.approx(centre.loss, rel=1e-6)
-    assert line.values["train_acc"][2] == pytest.approx(centre.acc)
+    assert line.values["train_acc"][2] == pytest.approx(100 * centre.acc)  # percent
     assert line.attrs["seed"] == 0 and line.directions == []
     with pytest.raises(SystemExit):
         main(["--measure", "surface_1d,surface_2d", "--out", str(tmp_path / "x")])

@@ -259,6 +259,7 @@ def run_ours(model, opt, x, y, steps):
             return closure(chunk)
 
         counted.batch_size = closure.batch_size
+        counted.model = closure.model  # the model whose BatchNorm the extra passes freeze
         opt.step(counted)
         calls.append(n[0])
     return calls
@@ -503,10 +504,10 @@ def test_create_routes_options_and_rejects_unknown():
         betas=(0.8, 0.9),
     )
     assert isinstance(opt, LookbehindASAM) and isinstance(opt.base, torch.optim.Adam)
-    assert (opt.k, opt.alpha, opt.param_groups[0]["rho"]) == (3, -1, 0.3)
+    assert [opt.param_groups[0][h] for h in ("k", "alpha", "rho")] == [3, -1, 0.3]
     assert opt.param_groups[0]["betas"] == (0.8, 0.9)
     opt = optim.create("lastsam", model.parameters(), switch_step=5, lr=0.1)
-    assert opt.switch_step == 5
+    assert opt.param_groups[0]["switch_step"] == 5
     with pytest.raises(UserError, match="takes no k"):
         optim.create("sam", model.parameters(), k=2, lr=0.1)
     with pytest.raises(UserError, match=r"unknown optimizer 'nope'.*sgd, adam"):
@@ -624,3 +625,170 @@ def test_every_variant_needs_a_closure(name):
     opt = CASES[name][0](mlp().parameters())
     with pytest.raises((RuntimeError, TypeError), match="needs a closure"):
         opt.step()
+
+
+def two_groups(model):
+    return [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+
+
+@pytest.mark.parametrize(("cls", "calls"), [(LookbehindSAM, [4, 4, 4]), (LookSAM, [1, 1, 2])])
+def test_per_group_hyperparameters_round_trip_through_state_dict(cls, calls):
+    model = mlp()
+    x, y = batch(model)
+    opt = cls(two_groups(model), torch.optim.SGD, **SGD_KW)
+    default = opt.param_groups[0]["alpha"]
+    opt.param_groups[1]["alpha"] = 0.8
+    for group in opt.param_groups:
+        group["k"] = 3
+    run_ours(model, opt, x, y, 1)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    resumed = mlp()
+    resumed.load_state_dict(saved[0])
+    opt2 = cls(two_groups(resumed), torch.optim.SGD, **SGD_KW)
+    opt2.load_state_dict(saved[1])
+    assert [(g["k"], g["alpha"]) for g in opt2.param_groups] == [(3, default), (3, 0.8)]
+    assert run_ours(model, opt, x, y, 3) == run_ours(resumed, opt2, x, y, 3) == calls
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_per_group_alpha_matches_hand_written_rule():
+    model = mlp()
+    x, y = batch(model)
+    f = Flat(copy.deepcopy(model), x, y)
+    first = f.sizes[0] + f.sizes[1]
+    w, base, state = f.theta(), RefSGD(), {}
+    alpha = torch.full_like(w, 0.2)
+    alpha[:first] = 0.7
+    for _ in range(4):
+        w = ref_looksam(f, w, base, state, alpha=alpha)
+    opt = LookSAM(two_groups(model), torch.optim.SGD, k=3, alpha=0.7, **SGD_KW)
+    opt.param_groups[1]["alpha"] = 0.2
+    assert run_ours(model, opt, x, y, 4) == [2, 1, 1, 2]
+    ours = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert (ours - w).abs().max().item() < TOL
+
+
+def test_scheduler_change_of_alpha_takes_effect_on_the_next_step():
+    model = mlp()
+    x, y = batch(model)
+    f = Flat(copy.deepcopy(model), x, y)
+    w, base = f.theta(), RefSGD()
+    opt = CASES["lookbehind-sam"][0](model.parameters())  # k=3, alpha=0.5
+    for alpha in (0.5, 0.9, 0.2):
+        opt.param_groups[0]["alpha"] = alpha
+        w = ref_lookbehind(f, w, base, {}, alpha=alpha)
+        run_ours(model, opt, x, y, 1)
+    ours = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert (ours - w).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("rho", [math.nan, math.inf, -0.1])
+@pytest.mark.parametrize("name", list(optim.WRAPPERS))
+def test_invalid_rho_refused(name, rho):
+    cls, kw = optim.WRAPPERS[name], {"switch_step": 1} if name == "lastsam" else {}
+    with pytest.raises(ValueError, match="rho must be >= 0 and finite"):
+        cls(mlp().parameters(), torch.optim.SGD, rho=rho, lr=0.1, **kw)
+    with pytest.raises(ValueError, match="rho must be >= 0 and finite"):  # in a param group
+        cls([{"params": mlp().parameters(), "rho": rho}], torch.optim.SGD, lr=0.1, **kw)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("lookbehind-sam", {"k": 0}, "k must be >= 1"),
+        ("lookbehind-asam", {"alpha": 0.0}, r"alpha must be in \(0, 1\] or -1"),
+        ("looksam", {"k": 0}, "k must be >= 1"),
+        ("looksam", {"alpha": -0.5}, "alpha must be >= 0"),
+        ("friendly-sam", {"lmbda": 1.0}, r"lmbda must be in \[0, 1\)"),
+        ("msam", {"m": 0}, "m must be >= 1"),
+        ("lastsam", {"switch_step": -1}, "switch_step must be >= 0"),
+        ("gsam", {"sync_perturbation": False}, "clean gradient"),
+        ("looksam", {"sync_perturbation": False}, "clean gradient"),
+    ],
+)
+def test_invalid_hyperparameters_refused(name, options, message):
+    options = {"switch_step": 1, **options} if name == "lastsam" else options
+    with pytest.raises(ValueError, match=message):
+        optim.WRAPPERS[name](mlp().parameters(), torch.optim.SGD, lr=0.1, **options)
+
+
+def test_one_for_all_hyperparameters_must_agree_across_groups():
+    model = mlp()
+    x, y = batch(model)
+    groups = two_groups(model)
+    groups[0]["k"] = 3
+    with pytest.raises(ValueError, match=r"needs one k for all param groups, got \[2, 3\]"):
+        LookbehindSAM(groups, torch.optim.SGD, lr=0.1)
+    opt = MSAM(two_groups(model), torch.optim.SGD, m=4, lr=0.1)
+    opt.param_groups[1]["m"] = 6
+    with pytest.raises(ValueError, match="needs one m for all param groups"):
+        run_ours(model, opt, x, y, 1)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "sgd"])
+def test_closure_without_backward_is_a_clear_error(name):
+    model = mlp()
+    x, y = batch(model)
+    opt = CASES[name][0](model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure(chunk=None):
+        opt.zero_grad()
+        rows = chunk or slice(None)
+        return nn.functional.cross_entropy(model(x[rows]), y[rows])  # no backward()
+
+    closure.batch_size = len(y)
+    with pytest.raises(RuntimeError, match=r"the closure must call loss\.backward\(\)"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_second_model_in_the_closure_keeps_its_batchnorm_statistics():
+    """Only the stepped model's BatchNorm is frozen on the extra pass: another model run in
+    training mode inside the closure (a teacher, say) records every pass."""
+    model, other = convbn(), convbn()
+    x, y = batch(model)
+
+    class WithOther(Closure):
+        def __call__(self, chunk=None):
+            with torch.no_grad():
+                other(x)
+            return super().__call__(chunk)
+
+    SAM(model.parameters(), torch.optim.SGD, **SGD_KW).step(
+        WithOther(model, nn.functional.cross_entropy, x, y)
+    )
+    assert model[1].num_batches_tracked.item() == 1
+    assert other[1].num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_plain_closure_freezes_batchnorm_given_the_model(given):
+    model = convbn()
+    x, y = batch(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, model=model if given else None, **SGD_KW)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert model[1].num_batches_tracked.item() == (1 if given else 2)
+    local = SAM(model.parameters(), torch.optim.SGD, sync_perturbation=False, lr=0.1)
+    with pytest.raises(RuntimeError, match="sync_perturbation=False needs the model"):
+        local.step(closure)
+
+
+def test_frozen_bn_stats_acts_on_its_model_and_restores_on_error():
+    model, other = convbn(), convbn()
+    x, _ = batch(model)
+    model[1].eval()  # an eval-mode layer is left alone
+    with pytest.raises(ZeroDivisionError), optim.frozen_bn_stats(other):
+        model(x), other(x)
+        assert model[1].track_running_stats and not other[1].track_running_stats
+        _ = 1 / 0
+    assert other[1].track_running_stats
+    assert other[1].num_batches_tracked.item() == 0

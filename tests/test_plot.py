@@ -12,6 +12,7 @@ from matplotlib.image import imread
 from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
 from landscape import plot
+from landscape.records import LOSS, Record
 from landscape.store import (
     RunLog,
     Surface,
@@ -60,7 +61,9 @@ def build_files(root):
     """Every file with the project's own code: two trainer runs (per-epoch measures and
     surfaces), surface files of ``python -m landscape.surface`` (non-square 2D, 1D, PCA
     with the trajectory) and a results file of ``python -m landscape.hessian``."""
-    from landscape import hessian, surface
+    from landscape import checkpoint, surface
+    from landscape.commands import hessian
+    from landscape.commands import surface as surface_cmd
 
     root.mkdir(parents=True, exist_ok=True)
     sgd = train_run(root / "sgd", "sgd") / "run.h5"
@@ -72,18 +75,21 @@ def build_files(root):
     last = str(sgd.parent / "last.pt")
     data = ["--subset", "256", "--batch-size", "256"]
     wide = ["--x", "-1:1:15", "--y", "-0.5:0.5:7"]
-    cli(surface, [last, *wide, *data, "--out", str(root / "wide.h5")])
-    cli(surface, [last, "--x", "-1:1:21", "--split", "test", *data, "--out", str(root / "line.h5")])
+    cli(surface_cmd, [last, *wide, *data, "--out", str(root / "wide.h5")])
+    line = [last, "--x", "-1:1:21", "--split", "test", *data, "--out", str(root / "line.h5")]
+    cli(surface_cmd, line)
     partial = read_surface(root / "wide.h5")  # as if a run had been killed after 60 points
     partial.done.reshape(-1)[60:] = False
     for v in partial.values.values():
         v.reshape(-1)[60:] = np.nan
     write_surface(root / "partial.h5", partial)
     ckpts = sorted(sgd.parent.glob("epoch_*.pt"))
-    coords = surface.pca_directions(ckpts, last).coordinates
+    loaders = [lambda p=p: checkpoint.read(p)["state_dict"] for p in ckpts]
+    coords = surface.pca_directions(loaders, checkpoint.read(last)["state_dict"]).coordinates
     lo, hi = coords.min(0) - 0.3 * np.ptp(coords, 0), coords.max(0) + 0.3 * np.ptp(coords, 0)
     grid = ["--x", f"{lo[0]}:{hi[0]}:13", "--y", f"{lo[1]}:{hi[1]}:9"]
-    cli(surface, [last, "--dir", f"pca:{sgd.parent}", *grid, *data, "--out", str(root / "pca.h5")])
+    pca = [last, "--dir", f"pca:{sgd.parent}", *grid, *data, "--out", str(root / "pca.h5")]
+    cli(surface_cmd, pca)
     argv = [last, "--top", "3", "--smallest", "1", "--trace", "--density"]
     cli(hessian, [*argv, "--steps", "40", "--subset", "128", "--out", str(root / "hessian.h5")])
     (root / "done").touch()
@@ -218,7 +224,7 @@ def test_surface_1d(files):
     assert ax.get_ylabel() == "loss" and twin.get_ylabel() == "accuracy (%)"
     s = read_surface(files["line"])
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), s.values["test_loss"])
-    np.testing.assert_allclose(twin.get_lines()[0].get_ydata(), 100 * s.values["test_acc"])
+    np.testing.assert_allclose(twin.get_lines()[0].get_ydata(), s.values["test_acc"])  # in %
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [*loss, *acc]
     with pytest.raises(UserError, match="1D surface"):
         plot.surface_1d(files["wide"])
@@ -398,8 +404,10 @@ def test_export_vtp(files, tmp_path):
 
 
 def run_cli(argv):
+    from landscape.commands.plot import main
+
     with pytest.raises(SystemExit) as e:
-        plot.main([str(a) for a in argv])
+        main([str(a) for a in argv])
     return e.value.code
 
 
@@ -446,7 +454,7 @@ def empty_surface(d):
 def test_cli_errors_are_one_line(tmp_path, capsys, make, message):
     assert run_cli([make(tmp_path), "--out", tmp_path]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and err.startswith(plot.PROG)
+    assert message in err and err.count("\n") == 1 and err.startswith("python -m landscape.plot")
 
 
 def test_cli_other_errors(files, tmp_path, capsys):
@@ -479,3 +487,93 @@ def test_compare_surfaces_share_one_scale(files, tmp_path):
         plot.compare_surfaces([files["wide"], files["line"]], kind="2d")
     written, _ = plot.plot_files([files["wide"], files["pca"]], tmp_path, ("png",))
     assert tmp_path / "surfaces.png" in written
+
+
+# ------------------------------------------------------------------------------- direct files
+
+
+def direct_run(path, optimizer, base, label=None, surfaces=()):
+    """A run file written with RunLog as the trainer does: accuracy in percent, a record,
+    per-epoch 2D surfaces (linked surface files)."""
+    attrs = {"label": label} if label else None
+    log = RunLog.create(path, {"optimizer": optimizer, "base": base}, attrs=attrs)
+    for e in (1, 2, 3):
+        metrics = {"train/loss": 2 / e, "train/acc": 40.0 + 10 * e, "test/loss": 2.5 / e}
+        record = Record({"m_sharpness": 0.1 * e}, {"m_sharpness": LOSS}, {"rho": 0.05, "m": 128})
+        log.append(e, {**metrics, "test/acc": 35.0 + 10 * e}, [record])
+        if e in surfaces:
+            log.add_surface(e, acc_surface(e))
+    return log.path
+
+
+def acc_surface(e=1, n=5, dims=2):
+    x = np.linspace(-1, 1, n)
+    y = None if dims == 1 else np.linspace(-1, 1, n)
+    r2 = x**2 if dims == 1 else x[None, :] ** 2 + y[:, None] ** 2
+    values = {"train_loss": 0.1 * e + r2, "train_acc": 90 - 20 * r2}
+    return Surface(x, y, values, np.ones(r2.shape, bool))
+
+
+def test_curves_in_percent_and_styles_from_stored_labels(tmp_path):
+    from landscape.plot.common import run_style
+
+    sgd = direct_run(tmp_path / "sgd" / "run.h5", "sgd", "sgd", label="sgd")
+    sam = direct_run(tmp_path / "sam" / "run.h5", "sam", "adam", label="sam (adam)")
+    fig = plot.curves([sgd, sam])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["sgd", "sam (adam)"]
+    acc = lines(by_title(fig, "train accuracy (%)"))
+    np.testing.assert_allclose(acc[0].get_ydata(), [50, 60, 70])  # as stored, not x100
+    assert (acc[0].get_color(), acc[0].get_linestyle()) == ("#000000", "-")
+    assert (acc[1].get_color(), acc[1].get_linestyle()) == ("#0072B2", "--")
+    assert any("m-sharpness (ρ=0.05, m=128)" in ax.get_title() for ax in fig.axes)
+    plain = read_run(direct_run(tmp_path / "adamw.h5", "adamw", "sgd"))  # no stored label
+    assert plot.run_label(plain) == "adamw"
+    assert run_style(plain) == {"color": "#56B4E9", "linestyle": "-"}
+    lb = read_run(
+        direct_run(tmp_path / "lb.h5", "lookbehind-sam", "adamw", "lookbehind-sam (adamw)")
+    )
+    assert run_style(lb) == {"color": "#CC79A7", "linestyle": "-."}
+
+
+def test_accuracy_surfaces_in_percent(tmp_path):
+    write_surface(tmp_path / "s.h5", acc_surface())
+    ax = plot.surface_2d(tmp_path / "s.h5", "heatmap", quantity="acc").axes[0]
+    mesh = ax.collections[0]
+    assert mesh.get_array().max() == 90 and mesh.get_array().min() == 50
+    assert ax.child_axes[0].get_ylabel() == "train accuracy (%)"
+    assert plot.surface_3d(tmp_path / "s.h5", quantity="acc").axes[0].get_zlabel() == (
+        "train accuracy (%)"
+    )
+    write_surface(tmp_path / "l.h5", acc_surface(dims=1))
+    _, twin = plot.surface_1d(tmp_path / "l.h5").axes
+    np.testing.assert_allclose(
+        twin.get_lines()[0].get_ydata(), 90 - 20 * np.linspace(-1, 1, 5) ** 2
+    )
+    assert twin.get_ylabel() == "accuracy (%)"
+    run = direct_run(tmp_path / "r" / "run.h5", "sgd", "sgd", surfaces=(1, 2, 3))
+    fig = plot.landscape_over_time(run, quantity="acc")
+    assert "train accuracy (%)" in fig.get_suptitle()
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("epoch")]
+    assert len(panels) == 3 and 50 <= panels[0].collections[0].levels.min() <= 90
+
+
+def test_plot_files_on_files_written_directly(tmp_path):
+    from landscape.store import write_results
+
+    run = direct_run(tmp_path / "a" / "run.h5", "sam", "sgd", label="sam", surfaces=(2, 3))
+    write_surface(tmp_path / "s.h5", acc_surface())
+    nodes, weights = np.array([[0.0, 1.0, 5.0]]), np.array([[0.5, 0.3, 0.2]])
+    density = Record(
+        {"density_nodes": nodes, "density_weights": weights},
+        {"density_nodes": "1", "density_weights": "1"},
+    )
+    write_results(tmp_path / "h.h5", [density], {"checkpoint": "a.pt", "epoch": 3})
+    written, _ = plot.plot_files(
+        [run, tmp_path / "s.h5", tmp_path / "h.h5"], tmp_path / "f", ["png"]
+    )
+    assert {p.stem for p in written} >= {
+        "curves",
+        "a_landscape_over_time",
+        "s_train_contour",
+        "h_spectrum",
+    }

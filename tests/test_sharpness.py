@@ -509,6 +509,29 @@ def test_model_unchanged(name, fail_at):
     assert_same(model, snap)
 
 
+def test_results_become_records_error_in_percent():
+    model = mlp()
+    _, _, batches = data((5,))
+    loss_fn = nn.CrossEntropyLoss()
+    r = m_sharpness(model, loss_fn, batches, rho=0.5, m=4)
+    rec = r.to_record()
+    assert rec.values == {"m_sharpness": r.value, "m_sharpness_error": 100 * r.error_increase}
+    assert rec.units == {"m_sharpness": "loss", "m_sharpness_error": "%"}
+    assert rec.settings == r.settings and 0 < r.error_increase < 1  # a fraction here
+    avg = adaptive_sharpness(model, loss_fn, batches, 0.5, kind="average", m=4, n_draws=3)
+    rec = avg.to_record()
+    assert rec.values == {
+        "adaptive_sharpness": avg.value,
+        "adaptive_sharpness_error": 100 * avg.error_increase,
+        "adaptive_sharpness_stderr": avg.stderr,
+    }
+    assert rec.units["adaptive_sharpness_error"] == "%"
+    assert rec.units["adaptive_sharpness"] == rec.units["adaptive_sharpness_stderr"] == "loss"
+    worst = adaptive_sharpness(model, loss_fn, batches, 0.1, m=4, steps=3).to_record()
+    assert set(worst.values) == {"adaptive_sharpness", "adaptive_sharpness_error"}
+    assert worst.settings["kind"] == "worst"
+
+
 @pytest.mark.parametrize("name", list(CALLS))
 def test_rho_zero_gives_zero(name):
     model = mlp()

@@ -21,13 +21,17 @@ import torch
 from torch import nn
 
 from landscape import checkpoint, store, surface
+from landscape.commands import surface as command
+from landscape.commands.common import load_with_data
+from landscape.commands.surface import fingerprint, parse_range
+from landscape.data import load_dataset
+from landscape.models import create_model
 from landscape.surface import (
     compute,
     evaluate,
     evaluate_points,
     grid_points,
     interpolation,
-    parse_range,
     pca_directions,
     random_direction,
 )
@@ -60,7 +64,8 @@ def data(n=23, sizes=(10, 10, 3)):
 
 
 def brute(model, directions, point, x, y):
-    """Loss and accuracy of a copy of ``model`` with weights ``w0 + sum_k point[k] d_k``."""
+    """Loss and accuracy (a fraction) of a copy of ``model`` with weights
+    ``w0 + sum_k point[k] d_k``."""
     m = copy.deepcopy(model)
     state = m.state_dict()
     for d, c in zip(directions, point):
@@ -154,9 +159,10 @@ def test_evaluate_1d_matches_brute_force():
     assert got["loss"].shape == got["acc"].shape == (7,)
     for i, xv in enumerate(xs):
         loss, acc = brute(model, [d], [xv], x_all, y_all)
-        assert abs(got["loss"][i] - loss) < 1e-6 and abs(got["acc"][i] - acc) < 1e-12
+        assert abs(got["loss"][i] - loss) < 1e-6 and abs(got["acc"][i] - 100 * acc) < 1e-10
     assert got["loss"].std() > 1e-3  # the direction matters
-    assert got["acc"].min() >= 0 and got["acc"].max() <= 1
+    assert got["acc"].min() >= 0 and got["acc"].max() <= 100  # percent
+    assert got["acc"].max() > 1  # not a fraction
 
 
 def test_evaluate_2d_non_square_orientation():
@@ -173,7 +179,7 @@ def test_evaluate_2d_non_square_orientation():
         for i, xv in enumerate(xs):
             loss, acc = brute(model, [dx, dy], [xv, yv], x_all, y_all)
             assert abs(got["loss"][j, i] - loss) < 1e-6, (j, i)
-            assert abs(got["acc"][j, i] - acc) < 1e-12
+            assert abs(got["acc"][j, i] - 100 * acc) < 1e-10  # percent
     # explicitly: [j, i] is (x[i], y[j])
     assert abs(got["loss"][2, 1] - brute(model, [dx, dy], [0.0, 2.0], x_all, y_all)[0]) < 1e-6
     assert abs(got["loss"][1, 2] - brute(model, [dx, dy], [0.5, 0.25], x_all, y_all)[0]) < 1e-6
@@ -206,7 +212,7 @@ def test_bn_recompute_matches_hand_computation():
         z = (x @ w["0.weight"].T + w["0.bias"] - mean) / torch.sqrt(var + model[1].eps)
         z = torch.relu(z * w["1.weight"] + w["1.bias"]) @ w["3.weight"].T + w["3.bias"]
         assert abs(got["loss"][i] - LOSS(z, y).item()) < 1e-10
-        assert abs(got["acc"][i] - (z.argmax(1) == y).double().mean().item()) < 1e-12
+        assert abs(got["acc"][i] - 100 * (z.argmax(1) == y).double().mean().item()) < 1e-10
     eval_mode = evaluate(model, LOSS, batches, [d], xs)["loss"]
     assert np.abs(eval_mode - got["loss"]).max() > 1e-3
     assert torch.equal(model[1].running_mean, stats[0]) and model[1].momentum == 0.1
@@ -277,7 +283,7 @@ def test_pca_plane_orthonormal_and_reproduces_checkpoints():
     assert set(r.directions[0]) == {"a.weight", "a.bias", "b.weight"}  # no BN statistics
     e = torch.stack([flat(d) for d in r.directions])
     torch.testing.assert_close(e @ e.T, torch.eye(2, dtype=torch.float64), atol=1e-12, rtol=0)
-    assert r.coordinates.shape == (5, 2) and r.epochs is None
+    assert r.coordinates.shape == (5, 2)
     assert abs(r.explained_variance_ratio.sum() - 1) < 1e-10
     assert r.explained_variance_ratio[0] >= r.explained_variance_ratio[1] > 0
     for t, ck in enumerate(ckpts):
@@ -312,28 +318,43 @@ def test_pca_matches_sklearn_and_ignores_biasbn():
         pca_directions([ckpts[0], final], final)
 
 
-def test_pca_from_checkpoint_files_and_a_model(tmp_path):
+def test_pca_from_checkpoint_loaders_and_a_model(tmp_path):
+    """Sources may be zero-argument loaders (the command reads ``epoch_NNN.pt`` files so),
+    models or state_dicts; all give the same directions."""
     models = [convnet(seed) for seed in range(4)]
     paths = [
         checkpoint.save(tmp_path / f"epoch_{i:03d}.pt", m, epoch=i) for i, m in enumerate(models)
     ]
-    r = pca_directions(paths, models[-1])
-    assert r.epochs == [0, 1, 2, 3]
+    loads = []
+
+    def loader(path):
+        def load():
+            loads.append(path)
+            return checkpoint.read(path)["state_dict"]
+
+        return load
+
+    r = pca_directions([loader(p) for p in paths], models[-1])
+    assert set(loads) == set(paths)  # every checkpoint read, through its loader
     assert set(r.directions[1]) == {n for n, _ in models[-1].named_parameters()}
     assert abs(r.coordinates[-1]).max() < 1e-12  # the final model sits at the origin
+    for sources in (models, [m.state_dict() for m in models]):
+        other = pca_directions(sources, models[-1])
+        np.testing.assert_allclose(other.coordinates, r.coordinates, atol=1e-12)
 
 
 def test_interpolation_endpoints_include_bn_buffers(tmp_path):
     a, b = convnet(0), convnet(1)
     _, _, batches = data()
     assert not torch.equal(a[1].running_var, b[1].running_var)
-    for other in (b, b.state_dict(), checkpoint.save(tmp_path / "b.pt", b)):
+    path = checkpoint.save(tmp_path / "b.pt", b)
+    for other in (b, b.state_dict(), lambda: checkpoint.read(path)["state_dict"]):
         d = interpolation(a, other)
         assert "1.running_mean" in d and "1.num_batches_tracked" not in d
         got = evaluate(a, LOSS, batches, [d], np.array([0.0, 0.5, 1.0]))
         assert abs(got["loss"][0] - evaluate_batches(a, LOSS, batches).loss) < 1e-10
         assert abs(got["loss"][2] - evaluate_batches(b, LOSS, batches).loss) < 1e-10
-        assert abs(got["acc"][2] - evaluate_batches(b, LOSS, batches).acc) < 1e-12
+        assert abs(got["acc"][2] - 100 * evaluate_batches(b, LOSS, batches).acc) < 1e-10
     with pytest.raises(UserError, match="different parameters"):
         interpolation(a, nn.Linear(2, 2))
 
@@ -343,7 +364,7 @@ def test_interpolation_endpoints_include_bn_buffers(tmp_path):
 
 def run(argv):
     with pytest.raises(SystemExit) as e:
-        surface.main(argv)
+        command.main(argv)
     return e.value.code
 
 
@@ -351,7 +372,11 @@ def run(argv):
     ("args", "message"),
     [
         (["--x", "1:-1:0"], "--x '1:-1:0': START must be less than STOP"),
-        (["--x=-1:1:1"], "--x '-1:1:1': NUM must be at least 2"),
+        (["--x=-1:1:1"], "--x '-1:1:1': NUM must be between 2 and 10000000"),
+        (["--x=-1:1:20000000"], "NUM must be between 2 and 10000000"),
+        (["--x=-1e308:1e308:3"], "the range is too wide"),
+        (["--x", "0:inf:3"], "START must be less than STOP (both finite)"),
+        (["--x", "-1:1:4000", "--y", "-1:1:4000"], "more than 10000000 points; use fewer"),
         (["--x", "a:1:3"], "--x 'a:1:3': expected START:STOP:NUM"),
         (["--y", "0:1"], "--y '0:1': expected START:STOP:NUM"),
         (["--x", "-1:1:2.5"], "expected START:STOP:NUM"),
@@ -386,7 +411,8 @@ def test_cli_random_2d_end_to_end(trained_run, tmp_path, capsys):
     assert s.attrs["seed"] == 3 and s.attrs["config"]["subset"] == 200
     assert s.direction_attrs["kind"] == "random" and len(s.directions) == 2
     # the same numbers from Python, with the same seeded directions
-    model, batches, _ = checkpoint.load_with_data(ckpt, subset=200, seed=3)
+    model, batches, _ = load_with_data(ckpt, subset=200, seed=3)
+    assert s.attrs["settings"]["fingerprint"] == fingerprint(model)
     dirs = surface.random_directions(model, 2, seed=3)
     for d, stored in zip(dirs, s.directions):
         assert all(np.array_equal(v.numpy(), stored[k]) for k, v in d.items())
@@ -402,6 +428,60 @@ def test_cli_random_2d_end_to_end(trained_run, tmp_path, capsys):
     assert "subset 200 there, 100 now" in capsys.readouterr().err
     assert run([*argv, "--no-progress", "--overwrite", "--x", "0:1:2"]) == 0
     assert store.read_surface(out).shape == (3, 2)
+
+
+def test_cli_refuses_to_resume_on_other_weights(trained_run, tmp_path, capsys):
+    """A surface file resumes only on the weights it was started on (its ``fingerprint``),
+    even when the checkpoint keeps its path and epoch (e.g. a run trained again)."""
+    ckpt = tmp_path / "last.pt"
+    shutil.copy(trained_run / "last.pt", ckpt)
+    argv = [str(ckpt), "--x", "-1:1:2", "--subset", "32", "--no-progress"]
+    assert run(argv) == 0
+    out = tmp_path / "last_surface_random_1d.h5"
+    stored = store.read_surface(out).attrs["settings"]["fingerprint"]
+    assert len(stored) == 64 and run(argv) == 0  # the same weights: nothing to do
+    capsys.readouterr()
+    info = checkpoint.read(ckpt)
+    info["state_dict"] = {
+        k: v + 1e-3 if v.is_floating_point() else v for k, v in info["state_dict"].items()
+    }
+    torch.save(info, ckpt)
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert f"holds a different surface (fingerprint {stored!r} there" in err
+    assert err.count(" there, ") == 1 and "--overwrite" in err  # only the weights differ
+    assert run([*argv, "--overwrite"]) == 0
+    assert store.read_surface(out).attrs["settings"]["fingerprint"] != stored
+
+
+def test_fingerprint_covers_every_tensor_of_the_state():
+    """BatchNorm's 0-dim ``num_batches_tracked`` and bfloat16 weights included."""
+    model = convnet()
+    assert fingerprint(model) == fingerprint(copy.deepcopy(model))
+    seen = {fingerprint(model)}
+    for change in (
+        lambda m: m[1].num_batches_tracked.add_(1),
+        lambda m: m[1].running_mean.add_(1e-6),
+        lambda m: m[0].weight.data.mul_(1.5),
+        lambda m: m.to(torch.bfloat16),
+    ):
+        other = copy.deepcopy(model)
+        change(other)
+        seen.add(fingerprint(other))
+    assert len(seen) == 5 and all(len(f) == 64 for f in seen)
+
+
+def test_cli_on_a_batchnorm_checkpoint(tmp_path):
+    spec = {"name": "resnet", "kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 8}}
+    spec["kwargs"]["width"] = 4
+    torch.manual_seed(0)
+    model = create_model(spec["name"], **spec["kwargs"])
+    ckpt = checkpoint.save(
+        tmp_path / "bn.pt", model, model_spec=spec, data=load_dataset("digits").spec, epoch=1
+    )
+    assert run([str(ckpt), "--x", "-1:1:3", "--subset", "32", "--no-progress"]) == 0
+    s = store.read_surface(tmp_path / "bn_surface_random_1d.h5")
+    assert s.complete and s.attrs["settings"]["fingerprint"] == fingerprint(model.eval())
 
 
 def test_cli_pca_and_interp(trained_run, tmp_path, capsys):
@@ -420,7 +500,7 @@ def test_cli_pca_and_interp(trained_run, tmp_path, capsys):
     assert run([first, "--x", "0:1:2", "--dir", f"interp:{ckpt}", "--subset", "64"]) == 0
     s = store.read_surface(tmp_path / "epoch_001_surface_interp_1d.h5")
     for x_index, path in ((0, first), (1, ckpt)):
-        model, batches, _ = checkpoint.load_with_data(path, subset=64)
+        model, batches, _ = load_with_data(path, subset=64)
         ref = evaluate_batches(model, LOSS, batches)
         assert abs(s.values["train_loss"][x_index] - ref.loss) < 1e-5
 
@@ -487,7 +567,7 @@ def test_cli_resumes_after_sigkill(trained_run, tmp_path, monkeypatch):
         evaluated.append(len(coords))
         return evaluate_points(model, loss_fn, batches, directions, coords, **kw)
 
-    monkeypatch.setattr(surface, "evaluate_points", counting)
+    monkeypatch.setattr(command, "evaluate_points", counting)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

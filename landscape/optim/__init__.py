@@ -68,10 +68,15 @@ def optimizer_names() -> list[str]:
 
 
 def _options(cls: type) -> list[str]:
-    skip = {"self", "params", "base_optimizer", "kwargs", "base_kwargs", "defaults"}
-    names = [n for n in inspect.signature(cls.__init__).parameters if n not in skip]
-    if cls is not SAM and issubclass(cls, SAM):  # keyword options inherited from SAM
-        names += [n for n in _options(SAM) if n not in names]
+    """Named options of ``cls``; a SAM-family class also takes those of the classes it
+    extends (its ``**kw`` reach them)."""
+    classes = [c for c in cls.__mro__ if issubclass(c, SAM)] if issubclass(cls, SAM) else [cls]
+    names: list[str] = []
+    for c in classes:
+        for name, p in inspect.signature(c.__init__).parameters.items():
+            named = p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            if named and name not in {"self", "params", "base_optimizer", *names}:
+                names.append(name)
     return names
 
 

@@ -14,6 +14,8 @@ class Closure:
     """Zero the grads, forward, loss, backward; return the (detached) batch-mean loss.
 
     Every optimizer of :mod:`landscape.optim` calls it as often as its method needs.
+    SAM-family optimizers read ``model``: its BatchNorm layers record statistics on the
+    clean pass only, and a DistributedDataParallel wrapper in it is kept local where asked.
     ``closure(chunk=slice)`` evaluates part of the batch (used by :class:`MSAM`).
     ``micro_batch`` accumulates the gradient over micro-batches of that size (each
     backward weighted by its share), for batches that don't fit in memory at once: the

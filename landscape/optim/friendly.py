@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .sam import SAM
+from .sam import SAM, Base, Group, Params, require
 
 
 class FriendlySAM(SAM):
@@ -18,35 +17,40 @@ class FriendlySAM(SAM):
     gradient; the ascent direction is ``g - sigma * m_{t-1}`` and then
     ``m_t = lmbda * m_{t-1} + (1 - lmbda) * g`` (the EMA takes the raw ``g``). On the
     first step ``m = g`` and the direction is ``g``, as in the reference code. ``m`` is
-    optimizer state.
+    optimizer state; ``sigma`` and ``lmbda`` (in [0, 1)) live in the param groups.
     """
 
     scale_invariant = False
+    hyperparameters = ("sigma", "lmbda")
 
     def __init__(
         self,
-        params: Iterable[Any],
-        base_optimizer: type[torch.optim.Optimizer],
-        rho: float = 0.05,
+        params: Params,
+        base_optimizer: Base,
+        *,
         sigma: float = 1.0,
         lmbda: float = 0.9,
-        **kwargs: Any,
+        **kw: Any,
     ):
-        if not 0 <= lmbda < 1:
-            raise ValueError(f"lmbda must be in [0, 1), got {lmbda}")
-        super().__init__(params, base_optimizer, rho, **kwargs)
-        self.sigma = sigma
-        self.lmbda = lmbda
+        super().__init__(params, base_optimizer, sigma=sigma, lmbda=lmbda, **kw)
 
-    def _ascent_grads(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        seen = [p for p in params if "ema" in self.state[p]]
-        for p in params:
-            if "ema" not in self.state[p]:
-                self.state[p]["ema"] = p.grad.clone()  # first step: m = g, direction g
-        if not seen:
+    def _check(self, group: Group) -> None:
+        super()._check(group)
+        require("lmbda", group["lmbda"], 0 <= group["lmbda"] < 1, "in [0, 1)")
+
+    def _ascent_grads(
+        self, group: Group, params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        old = [p for p in params if "ema" in self.state[p]]
+        new = [p for p in params if "ema" not in self.state[p]]
+        if new:  # a parameter's first step: m = g, direction g
+            torch._foreach_copy_(self._state_tensors(new, "ema"), [p.grad for p in new])
+        if not old:
             return grads
-        ema = [self.state[p]["ema"] for p in seen]
-        raw = [p.grad for p in seen]
-        direction = dict(zip(seen, torch._foreach_add(raw, ema, alpha=-self.sigma), strict=True))
-        torch._foreach_lerp_(ema, raw, 1.0 - self.lmbda)  # m <- lmbda m + (1 - lmbda) g
-        return [direction.get(p, p.grad) for p in params]
+        ema, raw = [self.state[p]["ema"] for p in old], [p.grad for p in old]
+        direction = torch._foreach_add(raw, ema, alpha=-group["sigma"])
+        torch._foreach_lerp_(ema, raw, 1.0 - group["lmbda"])  # m <- lmbda m + (1 - lmbda) g
+        if new:
+            by_param = dict(zip(old, direction, strict=True))
+            return [by_param.get(p, p.grad) for p in params]
+        return direction

@@ -12,9 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.module import (
-    register_module_forward_pre_hook,
-)
+from torch.nn.parallel import DistributedDataParallel
 
 Tensors = Sequence[Tensor]
 
@@ -69,45 +67,39 @@ def ascent_direction(
 
 
 @contextlib.contextmanager
-def extra_pass(freeze_bn: bool = True, local: bool = False) -> Iterator[None]:
-    """Forward/backward passes inside this context leave BatchNorm running statistics
-    (and ``num_batches_tracked``) untouched (``freeze_bn``) and, with ``local``, skip the
-    gradient all-reduce of DistributedDataParallel (like ``model.no_sync()``).
+def extra_pass(
+    model: nn.Module | None, freeze_bn: bool = True, local: bool = False
+) -> Iterator[None]:
+    """Context for extra forward/backward passes through ``model`` (backward included).
 
-    It works without a handle on the model: a global forward pre-hook switches off
-    ``track_running_stats`` of training-mode BatchNorm layers (which then normalise
-    with batch statistics exactly as before, but record nothing) and
-    ``require_backward_grad_sync`` of DDP wrappers; both are restored on exit, after
-    the backward pass.
+    ``freeze_bn``: its training-mode BatchNorm layers record no running statistics (nor
+    ``num_batches_tracked``); they still normalise with batch statistics, exactly as
+    before. ``local``: a DistributedDataParallel wrapper (the root or inside) skips the
+    gradient all-reduce, like ``model.no_sync()``. Only ``model``'s modules are touched
+    (``track_running_stats`` / ``require_backward_grad_sync`` switched off on entry and
+    restored on exit, also on an exception); ``model=None`` changes nothing.
     """
-    touched: list[tuple[nn.Module, str]] = []
-
-    def pre_hook(module: nn.Module, args: object) -> None:
-        if freeze_bn and isinstance(module, _BatchNorm):
-            if module.training and module.track_running_stats:
-                module.track_running_stats = False
-                touched.append((module, "track_running_stats"))
-        elif (
-            local
-            and isinstance(module, nn.parallel.DistributedDataParallel)
-            and module.require_backward_grad_sync
-        ):
-            module.require_backward_grad_sync = False
-            touched.append((module, "require_backward_grad_sync"))
-
-    if not (freeze_bn or local):
-        yield
-        return
-    handle = register_module_forward_pre_hook(pre_hook)
+    modules = list(model.modules()) if model is not None and (freeze_bn or local) else []
+    touched: list[tuple[nn.Module, str]] = [
+        (m, "track_running_stats")
+        for m in modules
+        if freeze_bn and isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    touched += [
+        (m, "require_backward_grad_sync")
+        for m in modules
+        if local and isinstance(m, DistributedDataParallel) and m.require_backward_grad_sync
+    ]
+    for module, attr in touched:
+        setattr(module, attr, False)
     try:
         yield
     finally:
-        handle.remove()
         for module, attr in touched:
             setattr(module, attr, True)
 
 
-def frozen_bn_stats() -> contextlib.AbstractContextManager[None]:
-    """Context in which BatchNorm layers record no running statistics: use it around the
-    second (perturbed) forward pass of a manual SAM loop."""
-    return extra_pass(freeze_bn=True)
+def frozen_bn_stats(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Context in which ``model``'s BatchNorm layers record no running statistics: wrap
+    the second (perturbed) forward and backward pass of a manual SAM loop in it."""
+    return extra_pass(model, freeze_bn=True)

@@ -3,14 +3,14 @@ CVPR 2022)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .functional import dot, extra_pass, global_norm
-from .sam import SAM, Closure, _with_grad
+from .functional import dot, global_norm
+from .sam import SAM, Base, Group, Params, Passes, require
 
 
 class LookSAM(SAM):
@@ -20,49 +20,50 @@ class LookSAM(SAM):
     gradient ``g_s`` orthogonal to the clean gradient ``g``:
     ``g_v = g_s - (g.g_s / ||g||^2) g``. The other ``k - 1`` steps take one
     forward/backward pass and use ``g + alpha (||g|| / ||g_v||) g_v``.
-    ``g_v`` is optimizer state (saved in ``state_dict``).
+    ``k`` (one for all param groups) and ``alpha`` (per group, >= 0) live in the param
+    groups; ``g_v`` is optimizer state (saved in ``state_dict``). The clean gradient
+    enters the update, so ``sync_perturbation`` stays on.
     """
 
     scale_invariant = False
+    local_clean_pass = False
+    hyperparameters = ("k", "alpha")
+    shared = ("k",)
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        base_optimizer: type[torch.optim.Optimizer],
-        rho: float = 0.05,
-        k: int = 5,
-        alpha: float = 0.7,
-        **kwargs: Any,
+        self, params: Params, base_optimizer: Base, *, k: int = 5, alpha: float = 0.7, **kw: Any
     ):
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        super().__init__(params, base_optimizer, rho, **kwargs)
-        self.k = k
-        self.alpha = alpha
+        super().__init__(params, base_optimizer, k=k, alpha=alpha, **kw)
         self._clean: dict[Tensor, Tensor] = {}
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        self._scaler(closure)
-        closure = torch.enable_grad()(closure)
-        n = self._count_step()
-        loss = self._clean_pass(closure)
-        params = [p for g in self.param_groups for p in _with_grad(g)[0]]
+    def _check(self, group: Group) -> None:
+        super()._check(group)
+        k, alpha = group["k"], group["alpha"]
+        require("k", k, k >= 1, ">= 1")
+        require("alpha", alpha, 0 <= alpha < math.inf, ">= 0 and finite")
+
+    def _step(self, passes: Passes) -> Tensor:
+        k = self._one("k")
+        loss = passes.clean()
+        groups = self._grouped()
+        params = [p for _, ps in groups for p in ps]
         grads = [p.grad for p in params]
-        if n % self.k == 0:
+        g_v = self._state_tensors(params, "g_v")
+        if self._count_step() % k == 0:
             clean = self._buffers(params, self._clean)
             torch._foreach_copy_(clean, grads)
             self.first_step()
-            with extra_pass():
-                closure()
+            passes.extra()
             self._restore()
             sharp = [p.grad for p in params]
             coef = dot(clean, sharp) / (dot(clean, clean) + 1e-12)
-            for p, gs, g in zip(params, sharp, clean, strict=True):
-                self.state[p]["g_v"] = gs - coef * g
+            torch._foreach_copy_(g_v, sharp)  # g_v = g_s - coef g
+            torch._foreach_sub_(g_v, torch._foreach_mul(clean, coef))
         else:
-            g_v = [self.state[p].get("g_v", torch.zeros_like(p)) for p in params]
-            scale = self.alpha * global_norm(grads) / (global_norm(g_v) + 1e-12)
-            torch._foreach_add_(grads, torch._foreach_mul(g_v, scale))
+            norm, v_norm = global_norm(grads), global_norm(g_v)
+            for group, ps in groups:
+                scale = group["alpha"] * norm / (v_norm + 1e-12)
+                v = [self.state[p]["g_v"] for p in ps]
+                torch._foreach_add_([p.grad for p in ps], torch._foreach_mul(v, scale))
         self.base.step()
         return loss

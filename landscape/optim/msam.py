@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .functional import extra_pass
-from .sam import SAM, Closure
+from .sam import SAM, Base, Group, Params, Passes, require
 
 
 class MSAM(SAM):
@@ -18,7 +16,8 @@ class MSAM(SAM):
     The batch is split into consecutive chunks of ``m`` (the last may be smaller); each
     chunk ``c`` takes its own ``eps_c = rho g_c / ||g_c||`` from its own gradient, and the
     update uses ``sum_c (|c| / n) grad L_c(w + eps_c)``. This is the m-sharpness that data
-    parallelism gives SAM for free (one chunk per accelerator), on one device.
+    parallelism gives SAM for free (one chunk per accelerator), on one device. ``m``
+    (>= 1, one for all param groups) lives in the param groups.
 
     The closure must accept ``chunk`` (a ``slice`` of the batch) and have a
     ``batch_size`` attribute: :class:`landscape.optim.Closure` does both. BatchNorm
@@ -27,45 +26,38 @@ class MSAM(SAM):
     """
 
     scale_invariant = False
+    hyperparameters = ("m",)
+    shared = ("m",)
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        base_optimizer: type[torch.optim.Optimizer],
-        rho: float = 0.05,
-        m: int = 32,
-        **kwargs: Any,
-    ):
-        if m < 1:
-            raise ValueError(f"m must be >= 1, got {m}")
-        super().__init__(params, base_optimizer, rho, **kwargs)
-        self.m = m
+    def __init__(self, params: Params, base_optimizer: Base, *, m: int = 32, **kw: Any):
+        super().__init__(params, base_optimizer, m=m, **kw)
         self._sum: dict[Tensor, Tensor] = {}
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        n = getattr(closure, "batch_size", None)
+    def _check(self, group: Group) -> None:
+        super()._check(group)
+        require("m", group["m"], group["m"] >= 1, ">= 1")
+
+    def _step(self, passes: Passes) -> Tensor | None:
+        n = getattr(passes.closure, "batch_size", None)
         if n is None:
             raise TypeError(
                 "MSAM.step() needs a closure that takes chunk= and has batch_size, "
                 "e.g. landscape.optim.Closure"
             )
-        self._scaler(closure)
-        closure = torch.enable_grad()(closure)
-        loss = torch.zeros(())
+        m = self._one("m")
+        loss: Tensor | None = None
         params: list[Tensor] = []
         total: list[Tensor] = []
-        for i, start in enumerate(range(0, n, self.m)):
-            chunk = slice(start, min(start + self.m, n))
+        for i, start in enumerate(range(0, n, m)):
+            chunk = slice(start, min(start + m, n))
             weight = (chunk.stop - chunk.start) / n
-            with extra_pass(freeze_bn=i > 0, local=not self.sync_perturbation):
-                loss = loss + closure(chunk=chunk).detach().to(loss) * weight
+            part = passes.clean(freeze_bn=i > 0, chunk=chunk).detach() * weight
+            loss = part if loss is None else loss + part  # on the loss's device: no sync
             self.first_step()
-            with extra_pass():
-                closure(chunk=chunk)
+            passes.extra(chunk=chunk)
             self._restore()
             if i == 0:
-                params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+                params = [p for _, ps in self._grouped() for p in ps]
                 total = self._buffers(params, self._sum)
                 torch._foreach_zero_(total)
             torch._foreach_add_(total, [p.grad for p in params], alpha=weight)

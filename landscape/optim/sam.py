@@ -1,14 +1,18 @@
 """SAM, ASAM and LastSAM, and the machinery every SAM-family optimizer shares.
 
 A SAM-family optimizer wraps a base optimizer (SGD, Adam, any ``torch.optim.Optimizer``)
-built on the same param groups, so LR schedulers attach to the wrapper. Variants
-override two hooks, :meth:`SAM._ascent` (the perturbation direction) and
-:meth:`SAM._descent` (changes to the gradient before the base step), or ``step`` itself
-when they need a different number of passes.
+built on the same param groups, so LR schedulers attach to the wrapper; the method's own
+hyperparameters (``rho``, ``k``, ``alpha``...) live in those param groups too (a variant
+takes its own as keywords and passes ``rho`` and SAM's other options on to SAM).
+``step(closure)`` runs the prologue every method shares (closure and GradScaler checks,
+the model the passes act on) and hands :meth:`SAM._step` a :class:`Passes`: ``_step`` holds
+only the method's math. Variants override it, or just the hooks :meth:`SAM._ascent_grads`
+(the gradient the perturbation follows), :meth:`SAM._rho` and :meth:`SAM._descent`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,9 +21,55 @@ from torch import Tensor, nn
 
 from .functional import ascent_direction, extra_pass, global_norm
 
-Closure = Callable[..., Tensor]
+ClosureFn = Callable[..., Tensor]
+Params = Iterable[Any]
+Base = type[torch.optim.Optimizer]  # the base optimizer's class
+Group = dict[str, Any]
 # (group, params, direction d, normaliser v): the step is rho * d / ||v||
-Ascent = list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]]
+Ascent = list[tuple[Group, list[Tensor], list[Tensor], list[Tensor]]]
+
+
+def require(name: str, value: Any, ok: bool, rule: str) -> None:
+    """``ValueError`` naming the hyperparameter unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+class Passes:
+    """The closure calls of one step, each in the context it needs (:func:`extra_pass`).
+
+    ``model`` is what the closure runs (``closure.model``, else the optimizer's ``model=``):
+    its BatchNorm layers and DDP wrapper are the ones frozen or kept local. Without a
+    model nothing is: BatchNorm statistics then update on every pass.
+    """
+
+    def __init__(
+        self,
+        closure: ClosureFn,
+        model: nn.Module | None,
+        opt: SAM,
+        scaler: torch.amp.GradScaler | None,
+    ):
+        self.closure, self.model, self.opt, self.scaler = closure, model, opt, scaler
+
+    def clean(self, *, local: bool | None = None, freeze_bn: bool = False, **kw: Any) -> Tensor:
+        """A pass at ``w`` (kwargs go to the closure): BatchNorm statistics update unless
+        ``freeze_bn``; under DDP its gradient stays on this rank (``local``, by default
+        when ``sync_perturbation`` is off). Raises if the closure left no gradient."""
+        local = not self.opt.sync_perturbation if local is None else local
+        with torch.enable_grad(), extra_pass(self.model, freeze_bn=freeze_bn, local=local):
+            loss = self.closure(**kw)
+        if not any(p.grad is not None for g in self.opt.param_groups for p in g["params"]):
+            raise RuntimeError(
+                f"{type(self.opt).__name__}.step(): no parameter has a gradient after the "
+                "closure ran: the closure must call loss.backward() (and return the loss)"
+            )
+        return loss
+
+    def extra(self, **kw: Any) -> Tensor:
+        """Any further pass: BatchNorm statistics frozen, gradients all-reduced under DDP."""
+        with torch.enable_grad(), extra_pass(self.model):
+            return self.closure(**kw)
 
 
 class SAM(torch.optim.Optimizer):
@@ -32,7 +82,7 @@ class SAM(torch.optim.Optimizer):
     Args:
         params: parameters, named parameters or param groups (per-group ``rho``).
         base_optimizer: the optimizer class for the descent step, e.g. ``torch.optim.SGD``.
-        rho: neighbourhood radius.
+        rho: neighbourhood radius (finite, >= 0).
         adaptive, eta: scale the perturbation elementwise by ``T = |w| + eta`` (ASAM).
         ascent_weight_decay: add the group's ``weight_decay * w`` to the ascent gradient,
             as the original JAX code does (its loss holds the L2 term); by default weight
@@ -40,12 +90,15 @@ class SAM(torch.optim.Optimizer):
         sync_perturbation: under DistributedDataParallel, all-reduce the first pass's
             gradients so every rank uses the same perturbation (default). ``False`` keeps
             the first pass local: each rank perturbs by its own shard's gradient
-            (per-rank m-sharpness, as in Foret et al.).
+            (per-rank m-sharpness, as in Foret et al.); it needs the model (see below).
+        model: the model the closure runs, for closures without a ``model`` attribute
+            (:class:`landscape.optim.Closure` has one, and it wins).
         **base_kwargs: hyperparameters of the base optimizer (``lr``, ``momentum``...).
 
-    ``step(closure)`` calls the closure twice and returns the first (clean) loss.
-    BatchNorm running statistics are updated on the clean pass only. For manual loops
-    (e.g. fp16 with ``GradScaler``) use :meth:`first_step` and :meth:`second_step`.
+    ``step(closure)`` calls the closure twice and returns the first (clean) loss. With a
+    model, BatchNorm running statistics are updated on the clean pass only; with neither
+    ``closure.model`` nor ``model=``, on every pass. For manual loops (e.g. fp16 with
+    ``GradScaler``) use :meth:`first_step` and :meth:`second_step`.
     """
 
     _step_supports_amp_scaling = True  # GradScaler.step(opt) calls step() with grad_scale
@@ -53,38 +106,77 @@ class SAM(torch.optim.Optimizer):
     # through the (scale-invariant) direction g/||g||; variants that keep first-pass
     # gradients (or need more than two passes) set this to False.
     scale_invariant = True
+    hyperparameters: tuple[str, ...] = ()  # the variant's own, kept in the param groups
+    shared: tuple[str, ...] = ()  # those the method needs equal in every group
+    local_clean_pass = True  # False where the clean gradient enters the update
 
     def __init__(
         self,
-        params: Iterable[Any],
-        base_optimizer: type[torch.optim.Optimizer],
+        params: Params,
+        base_optimizer: Base,
         rho: float = 0.05,
         *,
         adaptive: bool = False,
         eta: float = 0.0,
         ascent_weight_decay: bool = False,
         sync_perturbation: bool = True,
+        model: nn.Module | None = None,
         **base_kwargs: Any,
     ):
-        if rho < 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        super().__init__(params, {"rho": rho, "adaptive": adaptive, "eta": eta})
+        own = {n: base_kwargs.pop(n) for n in self.hyperparameters if n in base_kwargs}
+        super().__init__(params, {"rho": rho, "adaptive": adaptive, "eta": eta, **own})
+        for group in self.param_groups:
+            self._check(group)
+        for name in self.shared:
+            self._one(name)
+        if not (sync_perturbation or self.local_clean_pass):
+            raise ValueError(
+                f"{type(self).__name__} uses the clean gradient in its update: "
+                "sync_perturbation=False would let the ranks' weights diverge"
+            )
         self.base = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base.param_groups
         self.defaults.update(self.base.defaults)
         self.ascent_weight_decay = ascent_weight_decay
         self.sync_perturbation = sync_perturbation
+        self.model = model
         self._saved: dict[Tensor, Tensor] = {}  # w before the perturbation (reused buffers)
         self._perturbed: list[Tensor] = []
 
+    def _check(self, group: Group) -> None:
+        """Refuse invalid hyperparameters in ``group`` (``ValueError``); variants extend it."""
+        rho, eta = group["rho"], group["eta"]
+        require("rho", rho, 0 <= rho < math.inf, ">= 0 and finite")
+        require("eta", eta, 0 <= eta < math.inf, ">= 0 and finite")
+
+    def _one(self, name: str) -> Any:
+        """The value of ``name``, which the method needs the same in every param group."""
+        values = {group[name] for group in self.param_groups}
+        if len(values) != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs one {name} for all param groups, got {sorted(values)}"
+            )
+        return values.pop()
+
     # -- the hooks variants override --------------------------------------------------
 
-    def _rho(self, group: dict[str, Any]) -> float:
+    def _step(self, passes: Passes) -> Tensor:
+        """SAM: perturb along the clean gradient, update with the gradient at ``w + eps``."""
+        loss = passes.clean()
+        self.first_step()
+        passes.extra()
+        if passes.scaler is None:
+            self.second_step()
+        else:
+            passes.scaler.step(self)  # -> _scaled_second_step: restore, unscale, skip on overflow
+        return loss
+
+    def _rho(self, group: Group) -> float:
         return group["rho"]
 
-    def _ascent_grads(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def _ascent_grads(
+        self, group: Group, params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
         """The gradient the perturbation follows; SAM takes the clean gradient."""
         return grads
 
@@ -93,14 +185,34 @@ class SAM(torch.optim.Optimizer):
 
     # -- shared machinery ---------------------------------------------------------------
 
+    @torch.no_grad()
+    def step(self, closure: ClosureFn | None = None) -> Tensor | None:  # type: ignore[override]
+        """One step of the method; returns the loss of the clean pass. Without a closure,
+        the end of GradScaler's two-call API (``scaler.step(opt)``)."""
+        if closure is None:
+            return self._scaled_second_step()
+        scaler = getattr(closure, "grad_scaler", None)
+        if scaler is not None:
+            self._require_scale_invariance()
+        model = getattr(closure, "model", None)
+        model = model if isinstance(model, nn.Module) else self.model
+        if model is None and not self.sync_perturbation:
+            raise RuntimeError(
+                "sync_perturbation=False needs the model: use landscape.optim.Closure or "
+                f"pass model= to {type(self).__name__}"
+            )
+        return self._step(Passes(closure, model, self, scaler))
+
+    def _grouped(self) -> list[tuple[Group, list[Tensor]]]:
+        """``(group, its parameters that have a gradient)`` for every group with some."""
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        return [(g, params) for g, params in groups if params]
+
     def _ascent(self) -> Ascent:
         """Perturbation direction per group from the current gradients."""
         parts: Ascent = []
-        for group in self.param_groups:
-            params, grads = _with_grad(group)
-            if not params:
-                continue
-            grads = self._ascent_grads(params, grads)
+        for group, params in self._grouped():
+            grads = self._ascent_grads(group, params, [p.grad for p in params])
             if self.ascent_weight_decay and group.get("weight_decay"):
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             d, v = ascent_direction(params, grads, group["adaptive"], group["eta"])
@@ -113,6 +225,13 @@ class SAM(torch.optim.Optimizer):
             if p not in store:
                 store[p] = torch.empty_like(p, memory_format=torch.preserve_format)
         return [store[p] for p in params]
+
+    def _state_tensors(self, params: list[Tensor], key: str) -> list[Tensor]:
+        """Optimizer state ``key`` of each parameter (in ``state_dict``; zeros when new)."""
+        for p in params:
+            if key not in self.state[p]:
+                self.state[p][key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [self.state[p][key] for p in params]
 
     def _perturb(self, parts: Ascent, save: bool = True) -> None:
         """``w += rho * d / ||v||`` (norm over all groups); with ``save``, remember ``w``."""
@@ -146,45 +265,12 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _clean_pass(self, closure: Closure) -> Tensor:
-        """The first forward/backward of a step: BatchNorm statistics update here; local
-        under DDP when ``sync_perturbation`` is off."""
-        with extra_pass(freeze_bn=False, local=not self.sync_perturbation):
-            return closure()
-
     def _require_scale_invariance(self) -> None:
         if not self.scale_invariant:
             raise RuntimeError(
                 f"{type(self).__name__} does not support GradScaler (its update keeps "
                 "gradients of the scaled first pass); use bf16 autocast, or SAM/ASAM"
             )
-
-    def _scaler(self, closure: Closure | None) -> torch.amp.GradScaler | None:
-        """The closure's gradient scaler, if any, after checking there is a closure and
-        that this method supports the scaler."""
-        if closure is None:
-            raise RuntimeError(f"{type(self).__name__}.step() needs a closure")
-        scaler = getattr(closure, "grad_scaler", None)
-        if scaler is not None:
-            self._require_scale_invariance()
-        return scaler
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
-        """One SAM step; returns the loss of the clean pass."""
-        if closure is None:
-            return self._scaled_second_step()
-        scaler = self._scaler(closure)
-        closure = torch.enable_grad()(closure)
-        loss = self._clean_pass(closure)
-        self.first_step()
-        with extra_pass():
-            closure()
-        if scaler is None:
-            self.second_step()
-        else:
-            scaler.step(self)  # -> _scaled_second_step: restore, unscale, skip on overflow
-        return loss
 
     def _scaled_second_step(self) -> None:
         """``GradScaler.step(opt)`` after ``first_step`` and a scaled second backward:
@@ -197,7 +283,7 @@ class SAM(torch.optim.Optimizer):
             )
         self._restore()
         self._require_scale_invariance()
-        if self.found_inf.item():
+        if self.found_inf.item():  # GradScaler's own skip test syncs the same way
             return
         if self.grad_scale is not None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -208,7 +294,8 @@ class SAM(torch.optim.Optimizer):
     # -- state -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapper's own state and param groups, with the base optimizer's nested."""
+        """The wrapper's own state and param groups (with the method's hyperparameters),
+        the base optimizer's state nested."""
         state = super().state_dict()
         state["base"] = self.base.state_dict()
         return state
@@ -227,11 +314,6 @@ class SAM(torch.optim.Optimizer):
         return n
 
 
-def _with_grad(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-    params = [p for p in group["params"] if p.grad is not None]
-    return params, [p.grad for p in params]
-
-
 class ASAM(SAM):
     """Adaptive SAM (Kwon et al., ICML 2021): the perturbation lives in the ellipsoid
     ``||T^-1 eps|| <= rho`` with ``T = |w| + eta`` elementwise, so sharpness is invariant to
@@ -243,15 +325,10 @@ class ASAM(SAM):
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        base_optimizer: type[torch.optim.Optimizer],
-        rho: float = 0.5,
-        eta: float = 0.01,
-        **kwargs: Any,
+        self, params: Params, base_optimizer: Base, rho: float = 0.5, eta: float = 0.01, **kw: Any
     ):
-        kwargs.setdefault("adaptive", True)
-        super().__init__(params, base_optimizer, rho, eta=eta, **kwargs)
+        kw.setdefault("adaptive", True)
+        super().__init__(params, base_optimizer, rho=rho, eta=eta, **kw)
 
 
 def asam_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -271,38 +348,43 @@ class LastSAM(SAM):
     Zhou et al., "Sharpness-Aware Minimization in the late phase", ICLR 2025).
 
     Before the switch a step costs one forward/backward pass. The base optimizer's
-    state (momentum, Adam moments) carries across the switch unless ``reset_state``.
+    state (momentum, Adam moments) carries across the switch, except in the param groups
+    whose ``reset_state`` is true. ``switch_step`` (>= 0, one for all groups) and
+    ``reset_state`` live in the param groups; ``rho``, ``adaptive`` and the rest go to
+    :class:`SAM` (``eta`` defaults to ASAM's 0.01).
     """
 
     scale_invariant = False  # the switch lives in step(closure)
+    hyperparameters = ("switch_step", "reset_state")
+    shared = ("switch_step",)
 
     def __init__(
         self,
-        params: Iterable[Any],
-        base_optimizer: type[torch.optim.Optimizer],
+        params: Params,
+        base_optimizer: Base,
         switch_step: int,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
         *,
+        eta: float = 0.01,
         reset_state: bool = False,
-        **kwargs: Any,
+        **kw: Any,
     ):
-        if switch_step < 0:
-            raise ValueError(f"switch_step must be >= 0, got {switch_step}")
-        super().__init__(params, base_optimizer, rho, adaptive=adaptive, eta=eta, **kwargs)
-        self.switch_step = switch_step
-        self.reset_state = reset_state
+        kw.update(switch_step=switch_step, reset_state=reset_state)
+        super().__init__(params, base_optimizer, eta=eta, **kw)
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
-        n = self._count_step()
-        if n >= self.switch_step:
-            if n == self.switch_step and self.reset_state:
-                self.base.state.clear()
-            return super().step(closure)
-        self._scaler(closure)
-        with torch.enable_grad():
-            loss = closure()
-        self.base.step()
+    def _check(self, group: Group) -> None:
+        super()._check(group)
+        require("switch_step", group["switch_step"], group["switch_step"] >= 0, ">= 0")
+
+    def _step(self, passes: Passes) -> Tensor:
+        n, switch = self.state.get("step", 0), self._one("switch_step")
+        if n < switch:  # the base optimizer alone: one pass, its gradient all-reduced
+            loss = passes.clean(local=False)
+            self.base.step()
+        else:
+            if n == switch:  # once per run: drop the base state where asked
+                for group in (g for g in self.param_groups if g["reset_state"]):
+                    for p in group["params"]:
+                        self.base.state.pop(p, None)
+            loss = super()._step(passes)
+        self._count_step()
         return loss

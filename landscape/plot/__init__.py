@@ -5,14 +5,15 @@ landscapes over training.
 Every function takes HDF5 paths or loaded objects (:class:`~landscape.store.Run`,
 :class:`~landscape.store.Surface`) and returns a :class:`matplotlib.figure.Figure`, built
 without pyplot (nothing is shown, no global figure state); :func:`save` writes PNG, PDF or
-SVG. ``python -m landscape.plot FILE.h5 ... --out figures/`` writes every figure the files
-support. Colours come from one fixed optimizer -> colour map (Okabe & Ito's colour-blind-safe
-palette, Tol's muted scheme for the rarer methods), so a method looks the same everywhere.
+SVG. :func:`plot_files` (``python -m landscape.plot FILE.h5 ... --out figures/``) writes
+every figure the files support. Colours come from one fixed optimizer -> colour map (Okabe &
+Ito's colour-blind-safe palette, Tol's muted scheme for the rarer methods), so a method looks
+the same everywhere.
 """
 
 from .common import OPTIMIZER_COLORS, STYLE, optimizer_style, run_label, save, style
 from .curves import curves, spectrum
-from .files import PROG, PlotConfig, main, plot_files, surface_figures
+from .files import plot_files, surface_figures
 from .surfaces import (
     compare_surfaces,
     export_vtp,
@@ -26,14 +27,11 @@ from .surfaces import (
 
 __all__ = [
     "OPTIMIZER_COLORS",
-    "PROG",
     "STYLE",
-    "PlotConfig",
     "compare_surfaces",
     "curves",
     "export_vtp",
     "landscape_over_time",
-    "main",
     "optimizer_style",
     "plot_files",
     "robust_range",

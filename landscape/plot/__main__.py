@@ -1,5 +1,5 @@
-"""``python -m landscape.plot``."""
+"""``python -m landscape.plot``: the command (:mod:`landscape.commands.plot`)."""
 
-from .files import main
+from ..commands.plot import main
 
 main()

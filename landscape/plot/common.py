@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from ..optim import BASES
-from ..store import Run, Surface, read_results, read_run, read_surface
+from ..store import Run, Surface, file_kind, read_results, read_run, read_surface
 from ..utils import UserError
 
 #: Okabe & Ito (2008) for the common methods, Tol's muted scheme (and a brown) for the rest.
@@ -77,11 +76,13 @@ def style() -> Iterator[None]:
 
 def optimizer_style(name: str, base: str | None = None) -> dict[str, str]:
     """``{"color", "linestyle"}`` of an optimizer: a fixed colour per known name (a stable
-    hash-based one otherwise); SAM-family methods are dashed on adam, dash-dotted on adamw."""
+    hash-based one otherwise). ``base``: the optimizer a SAM-family method wraps (None, or
+    ``name`` itself, for a plain one): dashed on adam, dash-dotted on adamw, dotted on
+    others, solid on sgd."""
     color = OPTIMIZER_COLORS.get(name)
     if color is None:
         color = FALLBACK_COLORS[zlib.crc32(name.encode()) % len(FALLBACK_COLORS)]
-    wrapped = name not in BASES and base is not None
+    wrapped = base is not None and base != name
     return {"color": color, "linestyle": BASE_LINESTYLES.get(base, ":") if wrapped else "-"}
 
 
@@ -90,17 +91,23 @@ def run_name(path: Path) -> str:
     return path.parent.name if path.stem == "run" and path.parent.name else path.stem
 
 
+#: A stored label of a wrapped method: ``"sam (adam)"``.
+WRAPPED_LABEL = re.compile(r"^(?P<name>.+?) \((?P<base>[^()]+)\)$")
+
+
 def run_label(run: Run) -> str:
-    """``sam``, ``sam (adam)`` for a SAM-family method on a non-SGD base, or the file name."""
-    opt, base = run.config.get("optimizer"), run.config.get("base")
-    if not opt:
-        return run_name(run.path)
-    return f"{opt} ({base})" if opt not in BASES and base and base != "sgd" else str(opt)
+    """What the run file calls the run (:attr:`~landscape.store.Run.label`: ``sgd``,
+    ``sam (adam)`` for a SAM-family method on a non-SGD base, or the file name)."""
+    return run.label or run_name(run.path)
 
 
 def run_style(run: Run) -> dict[str, str]:
-    opt = run.config.get("optimizer")
-    return optimizer_style(opt, run.config.get("base")) if opt else optimizer_style(run.path.stem)
+    """:func:`optimizer_style` of a run: the colour of its config's ``optimizer`` (else of
+    its label), the line style of the base its label names (``"sam (adam)"``)."""
+    label = run_label(run)
+    m = WRAPPED_LABEL.match(label)
+    name = run.config.get("optimizer") or (m["name"] if m else label)
+    return optimizer_style(str(name), m["base"] if m else None)
 
 
 def run_labels(runs: Sequence[Run]) -> list[str]:
@@ -170,12 +177,6 @@ def load_surface(surface: SurfaceSource) -> Surface:
 def classify(path: str | Path) -> tuple[str, Any]:
     """``(kind, loaded)``: ``("run", Run)``, ``("surface", Surface)`` or ``("results",
     (values, attrs))``; a :class:`UserError` for anything else."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"no such file: {p}")
-    if not h5py.is_hdf5(p):
-        raise UserError(f"{p} is not an HDF5 file")
-    for kind, reader in (("run", read_run), ("surface", read_surface), ("results", read_results)):
-        with contextlib.suppress(UserError):
-            return kind, reader(p)
-    raise UserError(f"{p} is not a landscape run, surface or results file")
+    kind = file_kind(path)  # a UserError for a missing, non-HDF5 or unrelated file
+    reader = {"run": read_run, "surface": read_surface, "results": read_results}[kind]
+    return kind, reader(path)

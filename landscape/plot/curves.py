@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-from ..hessian import density_from_slq
+from ..records import PERCENT
+from ..spectra import density_from_slq
 from ..store import Run
 from ..utils import UserError
 from .common import (
@@ -43,13 +44,15 @@ METRIC_LABELS = {
 }
 MEASURE_LABELS = {
     "m_sharpness": "m-sharpness",
-    "m_sharpness_error": "m-sharpness of the 0-1 error",
+    "m_sharpness_error": "error m-sharpness",
     "adaptive_sharpness": "adaptive sharpness",
-    "adaptive_sharpness_error": "adaptive sharpness of the 0-1 error",
+    "adaptive_sharpness_error": "error adaptive sharpness",
     "hessian_top": "top Hessian eigenvalue",
     "hessian_trace": "Hessian trace",
 }
 DEFAULT_PANELS = ("train/loss", "test/loss", "train/acc", "test/acc")
+#: Bookkeeping a record stores beside a measure: panels on request only, not by default.
+AUXILIARY = ("_n_hvp", "_residuals")
 EIGEN_LINESTYLES = ("-", "--", ":", "-.")
 
 
@@ -63,12 +66,10 @@ def _scalar_measures(run: Run) -> list[str]:
 
 
 def _series(run: Run, name: str) -> np.ndarray | None:
-    """``(E,)`` or ``(E, k)`` values of a metric or measure (accuracy in %), or None."""
+    """``(E,)`` or ``(E, k)`` values of a metric or measure (accuracy in %, as stored), or
+    None."""
     v = run.metrics.get(name, run.measures.get(name))
-    if v is None:
-        return None
-    v = np.asarray(v, dtype=np.float64)
-    return v * 100 if name.endswith("/acc") else v
+    return None if v is None else np.asarray(v, dtype=np.float64)
 
 
 def _finite(v: np.ndarray) -> np.ndarray:
@@ -82,6 +83,8 @@ def _title(runs: Sequence[Run], name: str, top_k: str) -> str:
         return METRIC_LABELS[name]
     label = MEASURE_LABELS.get(name, name.replace("_", " "))
     a = next((r.measure_attrs.get(name, {}) for r in runs if name in r.measures), {})
+    if a.get("units") == PERCENT:
+        label += ", %"
     if name.startswith("m_sharpness") and "rho" in a:
         label += f" (ρ={a['rho']:g}, m={a.get('m', '?')})"
     elif name.startswith("adaptive_sharpness") and "rho" in a:
@@ -147,7 +150,8 @@ def curves(
     on a shared epoch axis, coloured by optimizer.
 
     ``metrics``: panel names (``train/loss``, ``test/acc``, ``lr``, any measure name...);
-    default: train/test loss and accuracy and every scalar measure with a value.
+    default: train/test loss and accuracy and every scalar measure with a value (product
+    counts ``*_n_hvp`` only on request). A measure stored in percent says so in its title.
     ``*_stderr`` measures are shaded bands; ``hessian_top`` shows its largest eigenvalue,
     or with ``top_k="all"`` each of the k as a line style. Epochs without a value are
     skipped and the line joins the measured ones (marked). ``log``: None = log y where
@@ -166,7 +170,11 @@ def curves(
         return any((v := _series(r, name)) is not None and _finite(v).any() for r in runs)
 
     if metrics is None:
-        other = sorted(n for n in known[len(METRIC_LABELS) :] if n not in MEASURE_LABELS)
+        other = sorted(
+            n
+            for n in known[len(METRIC_LABELS) :]
+            if n not in MEASURE_LABELS and not n.endswith(AUXILIARY)
+        )
         names = [n for n in (*DEFAULT_PANELS, *MEASURE_LABELS, *other) if n in known]
     else:
         unknown = [m for m in metrics if m not in known]
@@ -265,7 +273,7 @@ def spectrum(
 
     ``source``: a run file or :class:`Run` (its last epoch with a density, or ``epoch``)
     or a results file of ``python -m landscape.hessian --density --out``. ``sigma``:
-    Gaussian smoothing (default: :func:`~landscape.hessian.density_from_slq`'s); the
+    Gaussian smoothing (default: :func:`~landscape.spectra.density_from_slq`'s); the
     density is drawn down to ``floor`` times its peak.
     """
     d = _spectrum_data(source, epoch)

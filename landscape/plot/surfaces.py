@@ -47,7 +47,8 @@ def splits(s: Surface, quantity: str = "loss") -> list[str]:
 
 
 def _values(s: Surface, split: str | None, quantity: str) -> tuple[str, np.ndarray]:
-    """``(split, values)``, NaN where not computed, accuracy in %; split defaults to train."""
+    """``(split, values)``, NaN where not computed (accuracy in %, as stored); split
+    defaults to train."""
     if quantity not in ("loss", "acc"):
         raise UserError(f"quantity must be 'loss' or 'acc', got {quantity!r}")
     if split is None:
@@ -59,7 +60,7 @@ def _values(s: Surface, split: str | None, quantity: str) -> tuple[str, np.ndarr
     z = np.where(s.done, np.asarray(s.values[key], dtype=np.float64), np.nan)
     if not np.isfinite(z).any():
         raise UserError(f"the surface's {key} has no computed points (all NaN)")
-    return split, z * 100 if quantity == "acc" and np.nanmax(z) <= 1 else z
+    return split, z
 
 
 def _label(split: str, quantity: str) -> str:

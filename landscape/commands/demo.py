@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cli
-from .store import read_run
-from .train import TrainConfig, train
-from .utils import resolve_device
+from .. import cli
+from ..store import read_run
+from ..train import TrainConfig, train
+from ..utils import resolve_device
 
 PROG = "python -m landscape demo"
 DEFAULT_OPTIMIZERS = [
@@ -92,10 +92,10 @@ def final_measures(run_dir: Path, cfg: DemoConfig) -> list[Path]:
     ``<run>_hessian.h5`` in the run's directory (named so that figures don't collide)."""
     from torch import nn
 
-    from . import hessian, store, surface
-    from .checkpoint import load_with_data
+    from .. import hessian, store, surface
+    from .common import load_with_data
 
-    model, batches, _ = load_with_data(
+    model, batches, info = load_with_data(
         run_dir / "last.pt",
         subset=cfg.measure_subset,
         seed=cfg.seed,
@@ -110,18 +110,22 @@ def final_measures(run_dir: Path, cfg: DemoConfig) -> list[Path]:
     store.write_surface(surface_file, s)
     r = hessian.slq(model, loss_fn, batches, seed=cfg.seed, progress=cfg.progress)
     top = hessian.top_eigenvalues(model, loss_fn, batches, k=3, seed=cfg.seed)
-    store.write_results(
-        hessian_file,
-        {"density_nodes": r.nodes, "density_weights": r.weights, "hessian_top": top.values},
-        {"density_nodes": {"n_v": 1, "steps": r.nodes.shape[1], "seed": cfg.seed}},
-        meta={"checkpoint": str(run_dir / "last.pt")},
-    )
+    provenance = {
+        "checkpoint": str((run_dir / "last.pt").resolve()),
+        "epoch": info["epoch"],
+        "dataset": cfg.dataset,
+        "split": "train",
+        "subset": cfg.measure_subset,
+        "n_samples": batches.num_samples,
+        "world_size": 1,
+    }
+    store.write_results(hessian_file, [r.to_record(), top.to_record()], provenance)
     return [surface_file, hessian_file]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     def run() -> int:
-        from .plot import plot_files
+        from ..plot import plot_files
 
         cfg, _ = cli.parse(DemoConfig, argv, PROG)
         configs = [run_config(cfg, spec) for spec in cfg.optimizers]
@@ -156,11 +160,7 @@ def table(rows: list) -> str:
         top = r.measures["hessian_top"][-1][0]
         sharp = r.measures["m_sharpness"][-1]
         lines.append(
-            f"{spec:<16}{100 * m['test/acc']:>8.1f}%{100 * m['train/acc']:>10.1f}%"
+            f"{spec:<16}{m['test/acc']:>8.1f}%{m['train/acc']:>10.1f}%"
             f"{top:>10.3g}{sharp:>10.3g}{seconds:>8.1f}"
         )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    main()
