@@ -260,12 +260,18 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
 
 
 def run(main: Callable[[], int | None], prog: str) -> None:
-    """Call ``main`` and exit; a :class:`UserError` becomes one line on stderr (status 2)."""
+    """Call ``main`` and exit; a :class:`UserError` becomes one line on stderr (status 2),
+    and so does a file system error (a read-only or full disk, a directory where a file
+    is expected...: status 1)."""
     try:
         code = main()
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,6 +1,9 @@
 """The measurement CLIs end to end on a checkpoint of the real trainer."""
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -151,6 +154,60 @@ def test_hessian_cli_table_and_h5(trained_run, tmp_path, capsys):
 def test_hessian_cli_nothing_to_do(trained_run, capsys):
     assert run(hessian, [str(trained_run / "last.pt"), "--top", "0"]) == 2
     assert "nothing to compute" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "100000000", "--density"], "--steps must be between 1 and 10000"),
+        (["--tol", "nan"], "--tol must be between"),
+        (["--top", "-1"], "--top must be between 0 and 1000"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+    ],
+)
+def test_hessian_cli_refuses_bad_numbers_before_any_work(trained_run, capsys, args, message):
+    assert run(hessian, [str(trained_run / "last.pt"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(trained_run, tmp_path, capsys):
+    import torch
+
+    ckpt = torch.load(trained_run / "last.pt", weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    for module in (hessian, sharpness):
+        assert run(module, [str(tmp_path / "nan.pt"), "--subset", "32"]) == 2
+        err = capsys.readouterr().err
+        assert f"non-finite weights (NaN or inf in {name})" in err
+        assert "Traceback" not in err
+
+
+def test_an_unwritable_out_is_one_line_and_keeps_the_old_file(
+    trained_run, tmp_path, capsys, monkeypatch
+):
+    argv = [str(trained_run / "last.pt"), "--subset", "32", "--no-progress", "--out"]
+    (tmp_path / "file").write_text("x")
+    assert run(sharpness, [*argv, str(tmp_path / "file" / "s.json")]) == 1  # not a directory
+    err = capsys.readouterr().err
+    assert str(tmp_path / "file") in err and len(err.strip().splitlines()) == 1
+
+    out = tmp_path / "s.json"
+    out.write_text("{}")
+    real = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        real(self, '{"trunc', **kwargs)  # a partial write, then ENOSPC
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    assert run(sharpness, [*argv, str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "{}"  # the previous result is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_per_epoch_measures_in_training(tmp_path):

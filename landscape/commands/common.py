@@ -36,6 +36,13 @@ def load_with_data(
     ``split`` (training labels as trained, label noise included; no augmentation), as a
     device-resident loader over a fixed seeded ``subset``."""
     model, info = checkpoint.load(path, device=device)
+    bad = [
+        n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()
+    ]
+    if bad:
+        raise UserError(
+            f"{path} holds non-finite weights (NaN or inf in {bad[0]}): nothing to measure"
+        )
     if not info.get("data"):
         raise UserError(f"{path} does not name its dataset; measure it from Python instead")
     data = load_dataset(root=data_root, **info["data"]).to(device)
@@ -107,8 +114,11 @@ def process_group(device_name: str) -> Iterator[torch.device]:
 
 
 def is_main() -> bool:
-    """Whether this process prints and writes (rank 0, or no process group)."""
-    return rank_and_world()[0] == 0
+    """Whether this process prints and writes: rank 0 of the process group, or of
+    ``torchrun``'s processes (``RANK``) where the command starts no group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return rank_and_world()[0] == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def barrier() -> None:

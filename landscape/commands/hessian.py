@@ -35,6 +35,22 @@ class HessianConfig(CheckpointData):
     out: str | None = cli.arg(None, help="also write the results to FILE.h5 or FILE.json")
     progress: bool = cli.arg(True, help="progress bars")
 
+    def validate(self) -> None:
+        """A :class:`UserError` for settings that cannot work, or would run for days by a
+        typo (``--steps 1e8``)."""
+        if not (self.top or self.smallest or self.trace or self.density):
+            raise UserError("nothing to compute: ask for --top, --smallest, --trace or --density")
+        limits = [
+            ("top", self.top, 0, 1000),
+            ("smallest", self.smallest, 0, 1000),
+            ("tol", self.tol, 1e-12, 1.0),
+            ("n-v", self.n_v, 1, 1000),
+            ("steps", self.steps, 1, 10_000),
+        ]
+        for flag, value, low, high in limits:
+            if not low <= value <= high:  # also refuses NaN
+                raise UserError(f"--{flag} must be between {low} and {high}, got {value}")
+
 
 def measure(cfg: HessianConfig, model: nn.Module, batches) -> tuple[list[Record], list]:
     """The records ``cfg`` asks for and the rows of the printed table."""
@@ -68,8 +84,7 @@ def measure(cfg: HessianConfig, model: nn.Module, batches) -> tuple[list[Record]
 def main(argv: Sequence[str] | None = None) -> None:
     def run() -> int:
         cfg, _ = cli.parse(HessianConfig, argv, PROG)
-        if not (cfg.top or cfg.smallest or cfg.trace or cfg.density):
-            raise UserError("nothing to compute")
+        cfg.validate()
         with process_group(cfg.device) as device:
             model, batches, info = cfg.load(device)
             records, rows = measure(cfg, model, batches)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .. import cli
 from ..plot import plot_files
 from ..utils import UserError
+from .common import is_main
 
 PROG = "python -m landscape.plot"
 
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg, _ = cli.parse(PlotConfig, argv, PROG)
         if not 1 <= cfg.dpi <= 2400:
             raise UserError(f"--dpi must be between 1 and 2400, got {cfg.dpi}")
+        if not is_main():  # under torchrun, rank 0 draws
+            return 0
         written, notes = plot_files(
             cfg.files,
             cfg.out,
