@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum, my_share, rank_and_world
@@ -218,11 +220,22 @@ class HessianOperator:
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
+        """The model in the operator's mode, BatchNorm recording nothing, and attention
+        (``scaled_dot_product_attention``) on its math kernel, the one with a double
+        backward (the fused CPU/CUDA kernels have none); all restored afterwards."""
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.train(self.train_mode)
         try:
-            with extra_pass(self.model, freeze_bn=self.train_mode):  # BN records no stats
+            with extra_pass(self.model, freeze_bn=self.train_mode), sdpa_kernel(SDPBackend.MATH):
                 yield
+        except RuntimeError as e:
+            op = re.search(r"derivative for (\S+) is not implemented", str(e))
+            if op is None:
+                raise
+            raise UserError(
+                f"the model cannot be differentiated twice ({op.group(1)} has no double "
+                "backward), which Hessian-vector products need"
+            ) from None
         finally:
             for m, mode in modes:
                 m.training = mode

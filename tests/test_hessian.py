@@ -581,3 +581,61 @@ def test_bad_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         top_eigenvalues(model, LOSS, batches, k=1)  # converges: no warning
+
+
+class _TinyTransformer(nn.Module):
+    """Embedding, one TransformerEncoder layer (scaled_dot_product_attention inside), head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def test_attention_models_under_the_default_kernel_match_dense():
+    """SDPA's fused CPU kernel has no double backward (the call fails without landscape's
+    switch to the math kernel); top eigenvalues against a dense Hessian, float64, 1e-6."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = _TinyTransformer().double()
+    batches = [(torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 2, (6,)))]
+    with pytest.raises(RuntimeError, match="not implemented"):  # what users hit without it
+        dense_hessian(model, batches)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = torch.linalg.eigvalsh(dense_hessian(model, batches)).flip(0)[:2]
+    got = top_eigenvalues(model, LOSS, batches, k=2, tol=1e-10)
+    np.testing.assert_allclose(got.values, expected.numpy(), rtol=1e-6)
+
+
+def test_a_model_without_double_backward_is_one_clear_error():
+    class NoDouble(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.relu()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return NoDoubleBackward.apply(g, x)
+
+    class NoDoubleBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, g, x):
+            return g * (x > 0)
+
+        @staticmethod
+        def backward(ctx, gg):
+            raise RuntimeError("derivative for my_relu_backward is not implemented")
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].register_forward_hook(lambda m, i, o: NoDouble.apply(o))
+    batches = [(torch.randn(5, 3), torch.randint(0, 2, (5,)))]
+    with pytest.raises(UserError, match=r"cannot be differentiated twice \(my_relu_backward"):
+        top_eigenvalues(model, LOSS, batches)
