@@ -11,12 +11,18 @@ Built-in datasets (``dataset_names()``):
 - ``digits``: scikit-learn's bundled 8x8 digits (no download). Fixed stratified split
   of the 1797 images into 1347 train / 450 test (a ``RandomState(0)`` permutation,
   stably sorted by class, every 4th image to the test set), independent of ``seed``.
-- ``mnist``, ``fashion-mnist``: the official IDX ``.gz`` files.
+- ``mnist``, ``fashion-mnist``: the official IDX files, gzipped or not.
 - ``cifar10``, ``cifar100``: the official python-pickle tarballs.
 - ``synthetic``: seeded class prototypes plus Gaussian noise, any shape; for tests.
 
-Files live in ``<root>/<name>/`` (``root`` defaults to ``$LANDSCAPE_DATA`` or
-``~/.cache/landscape``) and are checked against their official MD5 on every load.
+Each file is looked up in ``<root>/<name>/`` (``root``: the argument, else
+``$LANDSCAPE_DATA``, else ``~/.cache/landscape``), then in ``/usr/share/datasets/<name>/``
+(Debian's packages, e.g. ``apt-get install dataset-fashion-mnist``; read in place, never
+copied), and only then downloaded into ``<root>/<name>/``; offline, the download gives up
+within seconds and the error says which files to put where. Every load checks every
+file: against its official MD5 as served, or, for the IDX files, against the SHA-256 of
+the decompressed content, so that re-compressed and uncompressed copies are accepted
+(``SOURCES`` notes how each digest was verified).
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ import pickle
 import struct
 import tarfile
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +58,7 @@ from landscape.utils import UserError, to_device
 __all__ = [
     "DATASETS",
     "SOURCES",
+    "SYSTEM_DATA_ROOT",
     "Augment",
     "Dataset",
     "Loader",
@@ -125,13 +134,27 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "landscape"
 
 
+SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
+"""Where Debian's ``dataset-*`` packages install datasets (``<this>/<name>/``); searched
+after the data root, read in place."""
+
+
 @dataclass(frozen=True)
 class Source:
-    """Where a dataset's files come from: mirror base URLs (tried in order) and the
-    official MD5 of each file. Sums as in torchvision's dataset classes."""
+    """Where a dataset's files come from and how a local copy is checked.
+
+    ``urls``: mirror base URLs, tried in order. ``md5``: the official MD5 of each file
+    as served (sums as in torchvision's dataset classes); downloads must match it.
+    ``sha256``: for gzipped files whose copies may be re-compressed or stored
+    uncompressed, the SHA-256 of the *decompressed* content; such a copy is accepted if
+    it is the served file (MD5) or holds that content. ``debian``: the Debian package
+    that installs the files in ``SYSTEM_DATA_ROOT/<name>/``.
+    """
 
     urls: tuple[str, ...]
     md5: dict[str, str]
+    sha256: dict[str, str] = field(default_factory=dict)
+    debian: str | None = None
 
 
 SOURCES: dict[str, Source] = {
@@ -146,6 +169,23 @@ SOURCES: dict[str, Source] = {
             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
+        # Content digests as listed, identically, by several independent public projects;
+        # NOT verified here (no copy of MNIST was at hand). The official MD5 above stays
+        # authoritative: a file matching it is accepted whatever these say.
+        {
+            "train-images-idx3-ubyte.gz": (
+                "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"
+            ),
+            "train-labels-idx1-ubyte.gz": (
+                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"
+            ),
+            "t10k-images-idx3-ubyte.gz": (
+                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"
+            ),
+            "t10k-labels-idx1-ubyte.gz": (
+                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"
+            ),
+        },
     ),
     "fashion-mnist": Source(
         (
@@ -158,6 +198,27 @@ SOURCES: dict[str, Source] = {
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
+        # Content digests computed from Debian's dataset-fashion-mnist
+        # (0.0~git20200523.55506a9-1). Verified against the official MD5s above: its .gz
+        # files are the official deflate streams with a normalised gzip header (no file
+        # name, mtime 2020-06-05); putting back the name and the original mtime
+        # (2017-08-31) reproduces the official MD5 of all four files. Independent public
+        # projects list the same four values.
+        {
+            "train-images-idx3-ubyte.gz": (
+                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+            ),
+            "train-labels-idx1-ubyte.gz": (
+                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+            ),
+            "t10k-images-idx3-ubyte.gz": (
+                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+            ),
+            "t10k-labels-idx1-ubyte.gz": (
+                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+            ),
+        },
+        debian="dataset-fashion-mnist",
     ),
     "cifar10": Source(
         ("https://www.cs.toronto.edu/~kriz/",),
@@ -182,65 +243,184 @@ class _BadDownload(Exception):
     pass
 
 
+class _Unreachable(OSError):
+    """A mirror could not be reached at all (as opposed to an HTTP error)."""
+
+
+class _NoAnswer(_Unreachable):
+    """No answer within ``_OPEN_TIMEOUT``: the network (or its DNS) is down."""
+
+
+_OPEN_TIMEOUT = 5.0
+"""Seconds to open a URL (name resolution, connection, response headers). A socket
+timeout does not bound name resolution, which offline can take ~20 s per attempt."""
+_READ_TIMEOUT = 30.0
+"""Socket timeout of an opened download (connection and each read)."""
+
+
+def _open(request: urllib.request.Request) -> http.client.HTTPResponse:
+    """``urllib.request.urlopen(request)``, given up after ``_OPEN_TIMEOUT`` seconds.
+
+    The call runs in a daemon thread so that a hanging name lookup cannot hold the
+    caller; an abandoned call closes its response if one comes later.
+    """
+    lock, done = threading.Lock(), threading.Event()
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result = (True, urllib.request.urlopen(request, timeout=_READ_TIMEOUT))
+        except Exception as e:  # re-raised in the caller's thread
+            result = (False, e)
+        with lock:
+            if "abandoned" in box:
+                if result[0]:
+                    result[1].close()
+                return
+            box["result"] = result
+        done.set()
+
+    threading.Thread(target=call, name="landscape-urlopen", daemon=True).start()
+    done.wait(_OPEN_TIMEOUT)
+    with lock:
+        if "result" not in box:
+            box["abandoned"] = True
+            raise _NoAnswer(f"no answer within {_OPEN_TIMEOUT:g} s (offline?)")
+    ok, value = box["result"]
+    if not ok:
+        raise value
+    return value
+
+
 def _download(url: str, dest: Path, md5: str) -> None:
-    """Stream ``url`` into a temp file next to ``dest``, check its MD5, rename."""
+    """Stream ``url`` into a temp file next to ``dest``, check its MD5, rename.
+    Raises :class:`_Unreachable` if the server cannot be reached at all."""
     from tqdm.auto import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "landscape (python-urllib)"})
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(request, timeout=60) as r:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        actual = _md5(Path(tmp))
-        if actual != md5:
-            raise _BadDownload(f"{url} has md5 {actual}, expected {md5}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        response = _open(request)
+    except (urllib.error.HTTPError, _Unreachable):
+        raise
+    except urllib.error.URLError as e:  # name resolution, connection refused...
+        raise _Unreachable(str(e)) from None
+    with response as r:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None)
+                with bar:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            actual = _md5(Path(tmp))
+            if actual != md5:
+                raise _BadDownload(f"{url} has md5 {actual}, expected {md5}")
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
-def _fetch(name: str, root: Path, download: bool) -> dict[str, Path]:
-    """Paths of ``name``'s files in ``root/name/``, downloaded if absent and allowed,
-    each checked against its MD5."""
+def _locate(name: str, root: Path, download: bool) -> dict[str, Path]:
+    """Where ``name``'s files are, unchecked: each file is looked up in ``root/name/``,
+    then ``SYSTEM_DATA_ROOT/name/`` (as served, or uncompressed where the content has a
+    digest), and downloaded into ``root/name/`` if in neither and ``download``."""
     source = SOURCES[name]
     folder = root / name
-    paths = {f: folder / f for f in source.md5}
-    missing = [f for f, p in paths.items() if not p.exists()]
+    dirs = list(dict.fromkeys([folder, SYSTEM_DATA_ROOT / name]))
+    found: dict[str, Path] = {}
+    for f in source.md5:
+        names = [f, f.removesuffix(".gz")] if f in source.sha256 else [f]
+        path = next((d / n for d in dirs for n in names if (d / n).is_file()), None)
+        if path is not None:
+            found[f] = path
+    missing = [f for f in source.md5 if f not in found]
     reason = "download=False"
     if missing and download:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"{name}: cannot create {folder}: {e}") from None
+        failures: list[str] = []
+        dead: set[str] = set()  # mirrors that cannot be reached: not tried again
         for f in list(missing):
-            errors = []
             for base in source.urls:
+                if base in dead:
+                    continue
                 try:
-                    _download(base + f, paths[f], source.md5[f])
+                    _download(base + f, folder / f, source.md5[f])
+                except _Unreachable as e:
+                    dead.update(source.urls if isinstance(e, _NoAnswer) else [base])
+                    failures.append(f"{base}: {e}")
+                except (OSError, http.client.HTTPException, _BadDownload) as e:
+                    failures.append(f"{base + f}: {e}")
+                else:
+                    found[f] = folder / f
                     missing.remove(f)
                     break
-                except (OSError, http.client.HTTPException, _BadDownload) as e:
-                    errors.append(f"{base + f}: {e}")
-            else:
-                reason = "download failed: " + "; ".join(errors)
+        reason = "download failed: " + "; ".join(failures)
     if missing:
+        apt = f" or run `apt-get install {source.debian}`" if source.debian else ""
         raise UserError(
-            f"{name}: {', '.join(missing)} not found in {folder} ({reason}); "
-            f"place {'that file' if len(missing) == 1 else 'those files'} "
-            f"(from {source.urls[0]}) in {folder}/"
+            f"{name}: {', '.join(missing)} not found in {' or '.join(map(str, dirs))} "
+            f"({reason}); place {'that file' if len(missing) == 1 else 'those files'} "
+            f"(from {source.urls[0]}) in {folder}/{apt}"
         )
-    for f, p in paths.items():
-        actual = _md5(p)
+    return found
+
+
+def _content(path: Path) -> bytes:
+    """The bytes of ``path``, gunzipped if it is a gzip file (by content, not name)."""
+    with _parsing(path), open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        if not gzipped:
+            return f.read()
+        with gzip.GzipFile(fileobj=f) as g:
+            return g.read()
+
+
+def _check(name: str, f: str, path: Path) -> bytes | None:
+    """Refuse ``path``, the copy of ``name``'s file ``f``, unless it is the official one.
+
+    With a content digest (``Source.sha256``): accepted if the decompressed content
+    matches it, or if it is the served file (MD5); returns that content (read once).
+    Otherwise it must match the MD5; returns None.
+    """
+    source = SOURCES[name]
+    if path.is_relative_to(SYSTEM_DATA_ROOT):
+        fix = f"reinstall {source.debian or 'its package'}, or put a good copy in the data root"
+    else:
+        fix = f"delete it (and download again from {source.urls[0]}{f})"
+    if f not in source.sha256:
+        actual = _md5(path)
         if actual != source.md5[f]:
             raise UserError(
-                f"{p} has the wrong checksum: expected md5 {source.md5[f]}, got {actual}; "
-                f"delete it (and download again from {source.urls[0]}{f})"
+                f"{path} has the wrong checksum: expected md5 {source.md5[f]}, got {actual}; " + fix
             )
+        return None
+    content = _content(path)
+    actual = hashlib.sha256(content).hexdigest()
+    if actual == source.sha256[f]:
+        return content
+    served = _md5(path) if path.name == f else None
+    if served == source.md5[f]:
+        return content
+    raise UserError(
+        f"{path} is not the official {f}: expected content sha256 {source.sha256[f]} "
+        f"(or file md5 {source.md5[f]}), got sha256 {actual}"
+        + (f", md5 {served}" if served else "")
+        + f"; {fix}"
+    )
+
+
+def _fetch(name: str, root: Path, download: bool) -> dict[str, Path]:
+    """Paths of ``name``'s files (see :func:`_locate`), each checked by :func:`_check`."""
+    paths = _locate(name, root, download)
+    for f, p in paths.items():
+        _check(name, f, p)
     return paths
 
 
@@ -276,15 +456,18 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 
 def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
-    """Read a gzipped IDX file (the MNIST format) into a native-endian array.
+    """Read an IDX file (the MNIST format), gzipped or not, into a native-endian array.
 
     Header: two zero bytes, a type code, the number of dimensions, then each dimension
     as a big-endian uint32; the payload must hold exactly ``prod(dims)`` items.
     """
     path = Path(path)
+    return _parse_idx(_content(path), path, ndim)
+
+
+def _parse_idx(buf: bytes, path: Path, ndim: int | None = None) -> np.ndarray:
+    """:func:`read_idx` on the (decompressed) bytes ``buf`` of ``path``."""
     with _parsing(path):
-        with gzip.open(path, "rb") as f:
-            buf = f.read()
         if len(buf) < 4 or buf[0:2] != b"\0\0" or buf[2] not in _IDX_DTYPES:
             raise UserError(f"{path} is not an IDX file (bad magic number {buf[:4].hex()})")
         dtype, n = np.dtype(_IDX_DTYPES[buf[2]]), buf[3]
@@ -335,17 +518,23 @@ def _image_dataset(name, train, test, num_classes, mean, std, augment, where) ->
 
 
 def _mnist_like(name: str, root: Path, download: bool, mean: float, std: float) -> Dataset:
-    p = _fetch(name, root, download)
+    """Four IDX files, read where they were found; each is decompressed once."""
+    paths = _locate(name, root, download)
+    content = {f: _check(name, f, p) for f, p in paths.items()}
+
+    def idx(f: str, ndim: int) -> np.ndarray:
+        buf = content.pop(f)
+        return _parse_idx(_content(paths[f]) if buf is None else buf, paths[f], ndim)
+
     split = {}
     for part, prefix in (("train", "train"), ("test", "t10k")):
-        x = read_idx(p[f"{prefix}-images-idx3-ubyte.gz"], ndim=3)
-        y = read_idx(p[f"{prefix}-labels-idx1-ubyte.gz"], ndim=1)
+        x = idx(f"{prefix}-images-idx3-ubyte.gz", 3)
+        y = idx(f"{prefix}-labels-idx1-ubyte.gz", 1)
         if x.dtype != np.uint8 or y.dtype != np.uint8:
-            raise UserError(f"{name}: {prefix}-*-ubyte.gz files must hold unsigned bytes")
+            raise UserError(f"{name}: {prefix}-*-ubyte files must hold unsigned bytes")
         split[part] = (x[:, None], y)
-    return _image_dataset(
-        name, split["train"], split["test"], 10, (mean,), (std,), "none", root / name
-    )
+    where = paths["train-images-idx3-ubyte.gz"].parent
+    return _image_dataset(name, split["train"], split["test"], 10, (mean,), (std,), "none", where)
 
 
 def _mnist(root: Path, download: bool) -> Dataset:
@@ -614,6 +803,11 @@ class Loader:
     numbers come from a CPU generator (one small host-to-device copy per epoch), so a
     CPU and a GPU run see identical batches; there is no host sync per batch.
     Unshuffled, unaugmented batches are views of ``x`` and ``y``.
+
+    ``rank``/``world_size`` shard it for data-parallel training: every rank draws the
+    same order and augmentation and takes its contiguous ``1 / world_size`` slice of each
+    (global) batch of ``batch_size``, so the ranks together see exactly one process's
+    batches. The batches, and the last one unless ``drop_last``, must split evenly.
     """
 
     def __init__(
@@ -626,6 +820,8 @@ class Loader:
         drop_last: bool = False,
         augment: Augment | None = None,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if len(x) != len(y):
             raise UserError(f"Loader: {len(x)} inputs but {len(y)} targets")
@@ -642,22 +838,36 @@ class Loader:
         self.augment = augment if augment is not None and augment.active else None
         self.seed = seed
         self.epoch = 0
+        if not 0 <= rank < world_size:
+            raise UserError(f"Loader: rank {rank} outside [0, {world_size})")
+        last = self._total % batch_size
+        if batch_size % world_size or last % world_size:
+            raise UserError(
+                f"Loader: batches of {batch_size} (the last of {last or batch_size}) do not "
+                f"split evenly across {world_size} ranks"
+            )
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle order and augmentation of ``epoch``."""
         self.epoch = epoch
 
     @property
-    def num_samples(self) -> int:
-        """Samples yielded per epoch."""
+    def _total(self) -> int:
+        """Samples per epoch, all ranks together."""
         n = len(self.y)
         return n - n % self.batch_size if self.drop_last else n
 
+    @property
+    def num_samples(self) -> int:
+        """Samples yielded per epoch (by this rank)."""
+        return self._total // self.world_size
+
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return -(-self._total // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n, b, device = self.num_samples, self.batch_size, self.x.device
+        n, b, device = self._total, self.batch_size, self.x.device
         order = params = None
         if self.shuffle or self.augment is not None:
             g = _generator(self.seed, _LOADER, self.epoch)
@@ -666,21 +876,25 @@ class Loader:
             if self.augment is not None:
                 h, w = self.x.shape[2:]
                 params = self.augment.draw(n, h, w, g).to(device, non_blocking=True)
-        for i in range(0, n, b):
+        for start in range(0, n, b):
+            share = (min(start + b, n) - start) // self.world_size
+            i = start + self.rank * share  # this rank's slice [i, j) of the batch
+            j = i + share
             if order is None:
-                xb, yb = self.x[i : i + b], self.y[i : i + b]
+                xb, yb = self.x[i:j], self.y[i:j]
             else:
-                idx = order[i : i + b]
+                idx = order[i:j]
                 xb, yb = self.x[idx], self.y[idx]
             if params is not None:
-                xb = self.augment.apply(xb, params[i : i + b])
+                xb = self.augment.apply(xb, params[i:j])
             yield xb, yb
 
     def __repr__(self) -> str:
         return (
             f"Loader(n={len(self.y)}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
             f"drop_last={self.drop_last}, augment={self.augment}, seed={self.seed}, "
-            f"epoch={self.epoch}, device={self.x.device})"
+            f"epoch={self.epoch}, device={self.x.device}"
+            + (f", rank={self.rank}/{self.world_size})" if self.world_size > 1 else ")")
         )
 
 
@@ -691,9 +905,12 @@ def train_loader(
     augment: Augment | str | None = None,
     drop_last: bool = False,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loader:
     """Shuffled, augmented loader over ``ds``'s training split, on ``ds``'s device.
-    ``augment``: an :class:`Augment`, a preset name, or ``None`` for ``ds.augment``."""
+    ``augment``: an :class:`Augment`, a preset name, or ``None`` for ``ds.augment``;
+    ``rank``/``world_size``: this rank's slice of every batch (see :class:`Loader`)."""
     if augment is None or isinstance(augment, str):
         augment = Augment.named(augment or ds.augment)
     return Loader(
@@ -704,6 +921,8 @@ def train_loader(
         drop_last=drop_last,
         augment=augment,
         seed=seed,
+        rank=rank,
+        world_size=world_size,
     )
 
 

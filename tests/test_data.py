@@ -8,8 +8,10 @@ import hashlib
 import io
 import json
 import pickle
+import socket
 import struct
 import tarfile
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,6 +40,20 @@ def no_network(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
+@pytest.fixture(autouse=True)
+def no_system_datasets(monkeypatch, tmp_path):
+    """The system location (``/usr/share/datasets``) is an empty per-test folder; the
+    tests of the real Debian files set it back to ``REAL_SYSTEM_ROOT``."""
+    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", tmp_path / "system-datasets")
+
+
+REAL_SYSTEM_ROOT = Path("/usr/share/datasets")
+needs_debian_fashion_mnist = pytest.mark.skipif(
+    not (REAL_SYSTEM_ROOT / "fashion-mnist").is_dir(),
+    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
+
+
 # ------------------------------------------------------------------- file generators
 
 
@@ -50,9 +66,28 @@ def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
     return bytes([0, 0, code, arr.ndim]) + dims + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
 
 
-def write_gz(path: Path, payload: bytes) -> None:
+def write_gz(path: Path, payload: bytes, level: int = 9) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(payload))
+    path.write_bytes(gzip.compress(payload, compresslevel=level))
+
+
+def write_idx(folder: Path, arrays: dict[str, np.ndarray], how: str) -> None:
+    """Write ``arrays`` (keyed by official ``.gz`` name) as IDX files in ``folder``:
+    ``"gz"`` gzipped at level 1 (not make_mnist's 9: other .gz bytes, same content),
+    ``"plain"`` uncompressed under the name without ``.gz``."""
+    for f, a in arrays.items():
+        if how == "gz":
+            write_gz(folder / f, idx_bytes(a), level=1)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f.removesuffix(".gz")).write_bytes(idx_bytes(a))
+
+
+def trust_content(monkeypatch, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Point the content-digest table of ``name`` at the IDX content of ``arrays``."""
+    for f, a in arrays.items():
+        digest = hashlib.sha256(idx_bytes(a)).hexdigest()
+        monkeypatch.setitem(data.SOURCES[name].sha256, f, digest)
 
 
 def trust(monkeypatch, name: str, folder: Path) -> None:
@@ -313,6 +348,169 @@ def test_default_root(monkeypatch, tmp_path):
     assert data.default_root() == tmp_path
     monkeypatch.delenv("LANDSCAPE_DATA")
     assert data.default_root() == Path.home() / ".cache" / "landscape"
+
+
+# ------------------------------------------- local copies: where, content digests, offline
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_recompressed_copy_accepted_by_content(tmp_path, monkeypatch, name):
+    arrays = make_mnist(tmp_path / "served", name, np.random.default_rng(5))
+    write_idx(tmp_path / "root" / name, arrays, "gz")
+    trust_content(monkeypatch, name, arrays)  # the MD5 table stays the official one
+    for f in arrays:
+        served = (tmp_path / "served" / name / f).read_bytes()
+        assert (tmp_path / "root" / name / f).read_bytes() != served  # other .gz bytes
+    ds = load_dataset(name, tmp_path / "root", download=False)
+    assert ds.train_y.tolist() == arrays["train-labels-idx1-ubyte.gz"].tolist()
+    assert ds.shape == (1, 5, 4) and len(ds.test_y) == 3
+
+
+def test_plain_idx_files_accepted(tmp_path, monkeypatch):
+    arrays = make_mnist(tmp_path / "unused", "mnist", np.random.default_rng(6))
+    write_idx(tmp_path / "mnist", arrays, "plain")
+    trust_content(monkeypatch, "mnist", arrays)
+    ds = load_dataset("mnist", tmp_path, download=False)
+    check_images(ds.train_x, arrays["train-images-idx3-ubyte.gz"][:, None], (0.1307,), (0.3081,))
+    assert ds.test_y.tolist() == arrays["t10k-labels-idx1-ubyte.gz"].tolist()
+    # an uncompressed file under the .gz name is recognised by its content too
+    plain = tmp_path / "mnist" / "t10k-labels-idx1-ubyte"
+    plain.rename(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz")
+    assert load_dataset("mnist", tmp_path, download=False).test_y.tolist() == ds.test_y.tolist()
+
+
+@pytest.mark.parametrize("how", ["gz", "plain"])
+def test_corrupted_content_refused(tmp_path, monkeypatch, how):
+    arrays = make_mnist(tmp_path / "unused", "fashion-mnist", np.random.default_rng(7))
+    trust_content(monkeypatch, "fashion-mnist", arrays)
+    tampered = dict(arrays)
+    images = arrays["t10k-images-idx3-ubyte.gz"].copy()
+    images[1, 2, 3] ^= 1  # one bit of one pixel
+    tampered["t10k-images-idx3-ubyte.gz"] = images
+    write_idx(tmp_path / "fashion-mnist", tampered, how)
+    with pytest.raises(UserError) as e:
+        load_dataset("fashion-mnist", tmp_path, download=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "t10k-images-idx3-ubyte" in msg
+    assert data.SOURCES["fashion-mnist"].sha256["t10k-images-idx3-ubyte.gz"] in msg
+    assert hashlib.sha256(idx_bytes(images)).hexdigest() in msg
+    assert "delete it" in msg
+
+
+def test_corrupted_system_copy_says_reinstall(tmp_path, monkeypatch):
+    arrays = make_mnist(tmp_path / "unused", "fashion-mnist", np.random.default_rng(8))
+    trust_content(monkeypatch, "fashion-mnist", arrays)
+    write_idx(data.SYSTEM_DATA_ROOT / "fashion-mnist", arrays, "gz")
+    f = data.SYSTEM_DATA_ROOT / "fashion-mnist" / "train-labels-idx1-ubyte.gz"
+    f.write_bytes(gzip.compress(gzip.decompress(f.read_bytes())[:-1] + b"\x09"))
+    with pytest.raises(UserError, match=r"train-labels.*reinstall dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", tmp_path / "root", download=False)
+
+
+def test_lookup_order_root_then_system(tmp_path, monkeypatch):
+    rng = np.random.default_rng(9)
+    mine = make_mnist(tmp_path / "root", "fashion-mnist", rng)
+    system = make_mnist(data.SYSTEM_DATA_ROOT, "fashion-mnist", rng)
+    root, folder = tmp_path / "root", tmp_path / "root" / "fashion-mnist"
+    assert set(data._locate("fashion-mnist", root, False).values()) == {
+        folder / f for f in MNIST_FILES
+    }
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()  # that one file comes from the system
+    paths = data._locate("fashion-mnist", root, False)
+    assert paths["t10k-labels-idx1-ubyte.gz"].parent == data.SYSTEM_DATA_ROOT / "fashion-mnist"
+    assert paths["t10k-images-idx3-ubyte.gz"].parent == folder
+    labels = "t10k-labels-idx1-ubyte.gz"
+    trust_content(monkeypatch, "fashion-mnist", {**mine, labels: system[labels]})
+    ds = load_dataset("fashion-mnist", root, download=False)
+    assert ds.train_y.tolist() == mine["train-labels-idx1-ubyte.gz"].tolist()
+    assert ds.test_y.tolist() == system["t10k-labels-idx1-ubyte.gz"].tolist()
+
+
+def test_system_copy_read_in_place_without_download(tmp_path, monkeypatch):
+    arrays = make_mnist(tmp_path / "unused", "fashion-mnist", np.random.default_rng(10))
+    write_idx(data.SYSTEM_DATA_ROOT / "fashion-mnist", arrays, "plain")
+    trust_content(monkeypatch, "fashion-mnist", arrays)
+    calls = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: calls.append(a))
+    ds = load_dataset("fashion-mnist", tmp_path / "root", download=True)
+    assert ds.test_y.tolist() == arrays["t10k-labels-idx1-ubyte.gz"].tolist()
+    assert calls == [] and not (tmp_path / "root").exists()  # nothing fetched or copied
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_offline_fails_fast_through_urlopen(tmp_path, monkeypatch, name):
+    def no_dns(*args, **kwargs):
+        raise AssertionError("name lookup outside urlopen")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # every network access via urlopen
+    calls = []
+
+    def offline(request, timeout=None):
+        calls.append(timeout)
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UserError) as e:
+        load_dataset(name, tmp_path)
+    msg = str(e.value)
+    # each unreachable mirror is tried once, not once per file
+    assert len(calls) == len(data.SOURCES[name].urls) == 2
+    assert all(t is not None and t <= 60 for t in calls)
+    assert "\n" not in msg and msg.count("network disabled") == 2
+    assert f"{tmp_path / name}/" in msg and str(data.SYSTEM_DATA_ROOT / name) in msg
+    assert ("apt-get install dataset-fashion-mnist" in msg) == (name == "fashion-mnist")
+
+
+def test_hanging_name_lookup_gives_up_quickly(tmp_path, monkeypatch):
+    assert data._OPEN_TIMEOUT <= 5  # seconds, name resolution included
+    release, calls = threading.Event(), []
+
+    def hang(request, timeout=None):  # like a resolver waiting on a dead DNS server
+        calls.append(request.full_url)
+        release.wait(30)
+        raise urllib.error.URLError("released")
+
+    monkeypatch.setattr(urllib.request, "urlopen", hang)
+    monkeypatch.setattr(data, "_OPEN_TIMEOUT", 0.05)
+    try:
+        with pytest.raises(UserError, match=r"no answer within 0\.05 s.*apt-get install"):
+            load_dataset("fashion-mnist", tmp_path)
+    finally:
+        release.set()
+    assert len(calls) == 1  # no answer at all: the other files and mirrors are not tried
+
+
+@needs_debian_fashion_mnist
+def test_real_fashion_mnist_from_system_location(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", REAL_SYSTEM_ROOT)
+    ds = load_dataset("fashion-mnist", tmp_path / "root", download=False)
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert ds.num_classes == 10 and ds.shape == (1, 28, 28)
+    assert torch.bincount(ds.train_y).tolist() == [6000] * 10
+    assert torch.bincount(ds.test_y).tolist() == [1000] * 10
+    assert abs(ds.train_x.mean().item()) < 0.01  # normalised with the train split's mean
+    assert not (tmp_path / "root").exists()  # read in place
+
+
+@needs_debian_fashion_mnist
+def test_train_on_real_fashion_mnist(tmp_path, monkeypatch):
+    from landscape.store import read_run
+    from landscape.train import TrainConfig, train
+
+    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", REAL_SYSTEM_ROOT)
+    cfg = TrainConfig(
+        dataset="fashion-mnist",
+        data_root=str(tmp_path / "root"),
+        model="mlp",
+        model_kwargs={"hidden": [64]},
+        subset=2000,
+        epochs=1,
+        out=str(tmp_path / "run"),
+        progress=False,
+    )
+    run = read_run(train(cfg) / "run.h5")
+    assert run.status == "finished"
+    assert run.metrics["test/acc"][-1] > 60  # percent, on the 10000 real test images
 
 
 # ------------------------------------------------------------------ digits / synthetic
