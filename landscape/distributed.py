@@ -35,3 +35,9 @@ def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
         for t in tensors:
             torch.distributed.all_reduce(t)
     return tensors
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()

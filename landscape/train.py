@@ -9,6 +9,11 @@ the last good checkpoint and marks the run ``diverged``.
 
 Each step goes through ``optimizer.step(closure)``, so every optimizer of
 :mod:`landscape.optim` (the SAM family included) trains without special cases.
+
+Under a process group (``torchrun``; docs/scaling.md) the trainer runs data-parallel:
+the model is wrapped in DistributedDataParallel, ``batch_size`` stays the global batch
+(each rank takes its slice of every batch), train metrics are summed over the ranks and
+rank 0 alone writes the run file and checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, cli, measures, optim, surface
 from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
+from .distributed import all_reduce_sum, barrier, my_share, rank_and_world
 from .models import create_model, model_names
 from .store import RunLog
 from .utils import UserError, evaluate_batches, resolve_device
@@ -61,7 +67,9 @@ class TrainConfig:
     # data
     dataset: str = cli.arg("digits", help="dataset: " + ", ".join(dataset_names()))
     data_root: str | None = cli.arg(
-        None, help="dataset cache directory (default: $LANDSCAPE_DATA or ~/.cache/landscape)"
+        None,
+        help="dataset directory (default: $LANDSCAPE_DATA or ~/.cache/landscape); "
+        "/usr/share/datasets/<name>/ is searched next, before any download",
     )
     data_kwargs: dict = cli.arg(
         {}, help="dataset options as JSON, e.g. '{\"n_train\": 4096}' (synthetic)", metavar="JSON"
@@ -116,6 +124,11 @@ class TrainConfig:
     sigma: float | None = cli.arg(None, help="friendly-sam: weight of the full-gradient EMA (1)")
     lmbda: float | None = cli.arg(None, help="friendly-sam: EMA decay (0.9)")
     m: int | None = cli.arg(None, help="msam: samples per perturbation chunk (32)")
+    sync_perturbation: bool | None = cli.arg(
+        None,
+        help="SAM family under torchrun: all-reduce the clean gradient so every rank "
+        "perturbs alike (default but for msam); off: each rank perturbs by its own slice",
+    )
     lr: float = cli.arg(0.05, help="peak learning rate")
     momentum: float = cli.arg(0.9, help="SGD momentum")
     nesterov: bool = cli.arg(False, help="Nesterov momentum (SGD)")
@@ -157,6 +170,9 @@ class TrainConfig:
     surface_range: float = cli.arg(1.0, help="surface_1d/surface_2d: grid from -R to R")
     # runtime
     device: str = cli.arg("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    sync_bn: bool = cli.arg(
+        False, help="under torchrun: BatchNorm statistics over the global batch (CUDA only)"
+    )
     precision: str = cli.arg(
         "auto", choices=["auto", "fp32", "bf16"], help="autocast precision; auto: bf16 on CUDA"
     )
@@ -266,7 +282,7 @@ METHOD_OPTIONS = {
     "gsam_alpha": (("gsam",), "alpha"),
 }
 # the SAM-family options passed as they are (the optimizer says which it takes)
-SAM_OPTIONS = ("rho", "eta", "adaptive", "rho_min", "sigma", "lmbda", "m")
+SAM_OPTIONS = ("rho", "eta", "adaptive", "rho_min", "sigma", "lmbda", "m", "sync_perturbation")
 
 
 def optimizer_kwargs(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
@@ -279,6 +295,8 @@ def optimizer_kwargs(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
     else:
         kw.update(betas=tuple(cfg.betas))
     kw.update({k: getattr(cfg, k) for k in SAM_OPTIONS if getattr(cfg, k) is not None})
+    if cfg.optimizer == "msam":  # under DDP each chunk of m lies on one rank: its own eps
+        kw.setdefault("sync_perturbation", False)
     for field, (methods, name) in METHOD_OPTIONS.items():
         value = getattr(cfg, field)
         if value is None:
@@ -293,13 +311,27 @@ def optimizer_kwargs(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
 
 
 class Trainer:
-    """One training run; :meth:`fit` runs (or resumes) it to the end."""
+    """One training run; :meth:`fit` runs (or resumes) it to the end.
+
+    Under a process group every rank builds one (same config); ``model`` is the plain
+    module (checkpoints, measures), ``train_model`` what the training passes run (its
+    DistributedDataParallel wrapper; the model itself in one process).
+    """
 
     def __init__(self, cfg: TrainConfig, explicit: set[str] | None = None):
         cfg.validate()
+        self.rank, self.world_size = rank_and_world()
+        self.main = self.rank == 0  # writes the run file and checkpoints, prints
         self.out = cfg.out_dir
         self.cfg = cfg = self._prepare_out_dir(cfg, explicit)
+        barrier()  # every rank has checked --out before rank 0 writes there
         self.device = resolve_device(cfg.device)
+        if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if cfg.sync_bn and self.world_size > 1 and self.device.type != "cuda":
+            raise UserError(
+                "--sync-bn needs CUDA: torch's SyncBatchNorm does not run on CPU (gloo)"
+            )
         self.autocast = (
             torch.bfloat16
             if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
@@ -326,8 +358,15 @@ class Trainer:
             "augment": dataclasses.asdict(augment),
         }
         data = data.to(self.device)
+        self._check_split(len(data.train_y))
         self.train_batches = train_loader(
-            data, cfg.batch_size, augment=augment, drop_last=cfg.drop_last, seed=cfg.seed
+            data,
+            cfg.batch_size,
+            augment=augment,
+            drop_last=cfg.drop_last,
+            seed=cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         self.test_batches = eval_loader(data, cfg.eval_batch_size)
         self.measure_batches = eval_loader(
@@ -353,6 +392,8 @@ class Trainer:
         self.model = create_model(cfg.model, **self.model_spec["kwargs"]).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and self.world_size > 1:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         steps = len(self.train_batches)
         adaptive = cfg.optimizer in ("asam", "lookbehind-asam") or cfg.adaptive
         params = (
@@ -378,11 +419,32 @@ class Trainer:
         self.eval_loss = nn.CrossEntropyLoss()
         self.epoch = 0
         self.log = RunLog(self.out / RUN_FILE)
-        if cfg.resume and (self.out / LAST).exists():
+        if cfg.resume and (self.out / LAST).exists():  # every rank loads it
             self._restore(checkpoint.read(self.out / LAST, map_location=self.device))
-        else:
-            attrs = {"label": run_label(cfg), "world_size": 1}
+        elif self.main:
+            attrs = {"label": run_label(cfg), "world_size": self.world_size}
             self.log = RunLog.create(self.out / RUN_FILE, cli.to_dict(cfg), attrs=attrs)
+        self.train_model: nn.Module = self.model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _check_split(self, n: int) -> None:
+        """Refuse a global batch that does not split evenly across the ranks: DDP
+        averages the ranks' gradients, which equals the global batch's only for equal
+        slices."""
+        b, world = self.cfg.batch_size, self.world_size
+        last = 0 if self.cfg.drop_last else n % b
+        if b % world:
+            raise UserError(
+                f"--batch-size {b} (the global batch) is not divisible by the {world} processes"
+            )
+        if last % world:
+            raise UserError(
+                f"the last batch ({last} of {n} samples at --batch-size {b}) does not split "
+                f"evenly across {world} processes: pass --drop-last, or a --batch-size or "
+                f"--subset that leaves a multiple of {world}"
+            )
 
     def _prepare_out_dir(self, cfg: TrainConfig, explicit: set[str] | None) -> TrainConfig:
         """Refuse to mix runs; with ``--resume``, adopt the stored config."""
@@ -393,11 +455,12 @@ class Trainer:
                 f"{self.out} already holds a run; pass --resume to continue it "
                 "or --overwrite to replace it"
             )
-        if cfg.overwrite:
+        if cfg.overwrite and self.main:
             for p in [last, run_file, *self.out.glob("epoch_*.pt")]:
                 p.unlink(missing_ok=True)
         if not (cfg.resume and last.exists()):
-            self.out.mkdir(parents=True, exist_ok=True)
+            if self.main:
+                self.out.mkdir(parents=True, exist_ok=True)
             return cfg
         stored = checkpoint.read(last)["config"] or {}
         given = cli.to_dict(cfg)
@@ -416,7 +479,8 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         checkpoint.set_rng_state(ckpt["rng"])
         self.epoch = ckpt["epoch"]
-        self.log.truncate(self.epoch)
+        if self.main:
+            self.log.truncate(self.epoch)
 
     def _save(self, path: Path, metrics: dict[str, float]) -> None:
         checkpoint.save(
@@ -450,18 +514,21 @@ class Trainer:
             autocast_dtype=self.autocast,
         )
         s.directions = []
-        self.log.add_surface(self.epoch, s)
+        if self.main:
+            self.log.add_surface(self.epoch, s)
 
     def train_epoch(self, bar: tqdm | None = None) -> tuple[float, float]:
         """One pass over the training data; returns the mean loss and the accuracy (in
-        percent) of the clean passes."""
-        model, opt = self.model, self.optimizer
+        percent) of the clean passes, over all ranks. The steps never wait for the host:
+        every ~10% of the epoch one (all-reduced) sum checks the loss, on every rank alike."""
+        model, opt = self.train_model, self.optimizer
         model.train()
         self.train_batches.set_epoch(self.epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         hits = torch.zeros((), dtype=torch.int64, device=self.device)
         n = seen = 0
         check_every = max(1, len(self.train_batches) // 10)
+        mean = acc = math.nan
         for i, (x, y) in enumerate(self.train_batches):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -482,21 +549,32 @@ class Trainer:
             if bar is not None:
                 bar.update()
             if (i + 1) % check_every == 0 or i + 1 == len(self.train_batches):
-                mean = (loss_sum / n).item()
+                mean, acc = self._totals(loss_sum, hits, n, seen)
                 if not math.isfinite(mean):
                     raise Diverged(
                         f"training loss is {mean} in epoch {self.epoch + 1}, step {i + 1}"
                     )
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
-        return (loss_sum / n).item(), 100 * hits.item() / seen
+        return mean, acc
+
+    def _totals(
+        self, loss_sum: torch.Tensor, hits: torch.Tensor, n: int, seen: int
+    ) -> tuple[float, float]:
+        """Mean loss and accuracy (percent) so far over all ranks: one host sync (and
+        under a process group one small all-reduce), so every rank decides alike."""
+        counts = torch.tensor([n, seen], dtype=torch.float64).to(loss_sum.device)
+        sums = torch.cat([loss_sum.view(1), hits.double().view(1), counts])
+        total, hit, n_all, seen_all = all_reduce_sum([sums])[0].tolist()
+        return total / n_all, 100 * hit / seen_all
 
     def fit(self) -> dict[str, float]:
         """Train to ``cfg.epochs``; returns the last epoch's metrics."""
         cfg = self.cfg
         metrics: dict[str, float] = {}
         if self.epoch >= cfg.epochs:
-            tqdm.write(f"{self.out}: already trained for {self.epoch} epochs")
+            if self.main:
+                tqdm.write(f"{self.out}: already trained for {self.epoch} epochs")
             return metrics
         steps = len(self.train_batches)
         with tqdm(
@@ -504,7 +582,7 @@ class Trainer:
             initial=self.epoch * steps,
             desc=f"{cfg.optimizer} {cfg.model} {cfg.dataset}",
             unit="step",
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.main),
             dynamic_ncols=True,
             file=sys.stderr,
         ) as bar:
@@ -515,17 +593,18 @@ class Trainer:
                 except Diverged as e:
                     good = f"epoch {self.epoch} in {self.out / LAST}" if self.epoch else "none"
                     message = f"{e}; last good checkpoint: {good}"
-                    self.log.set_status("diverged", message)
+                    if self.main:
+                        self.log.set_status("diverged", message)
+                    barrier()  # no rank exits before the run is marked
                     raise Diverged(message) from None
-                test = evaluate_batches(
-                    self.model, self.eval_loss, self.test_batches, autocast_dtype=self.autocast
-                )
+                self._sync_buffers()
+                test_loss, test_acc = self._evaluate()
                 self.epoch += 1
                 metrics = {
                     "train/loss": train_loss,
                     "train/acc": train_acc,
-                    "test/loss": test.loss,
-                    "test/acc": 100 * test.acc,
+                    "test/loss": test_loss,
+                    "test/acc": 100 * test_acc,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "time_s": time.perf_counter() - start,
                 }
@@ -541,16 +620,44 @@ class Trainer:
                         self.measure_settings,
                     )
                 # Log first, then checkpoint: a kill in between redoes this epoch on resume.
-                self.log.append(self.epoch, metrics, records)
+                if self.main:
+                    self.log.append(self.epoch, metrics, records)
                 if due and any(m in SURFACES for m in cfg.measure):
                     self._surface()
-                self._save(self.out / LAST, metrics)
-                if cfg.save_every and self.epoch % cfg.save_every == 0:
-                    checkpoint.copy(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")
-                values = {k: v for r in records for k, v in r.values.items()}
-                tqdm.write(format_epoch(self.epoch, cfg.epochs, metrics, values), file=sys.stderr)
-        self.log.set_status("finished")
+                if self.main:
+                    self._save(self.out / LAST, metrics)
+                    if cfg.save_every and self.epoch % cfg.save_every == 0:
+                        checkpoint.copy(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")
+                    values = {k: v for r in records for k, v in r.values.items()}
+                    line = format_epoch(self.epoch, cfg.epochs, metrics, values)
+                    tqdm.write(line, file=sys.stderr)
+        if self.main:
+            self.log.set_status("finished")
+        barrier()  # on return, on every rank, the run's files are complete
         return metrics
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP does before each
+        training forward: evaluation and measures then see the checkpoint's model."""
+        if self.world_size > 1:
+            for b in self.model.buffers():
+                torch.distributed.broadcast(b, 0)
+
+    def _evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy (a fraction); under a process group each rank takes
+        every ``world_size``-th batch and the sums are all-reduced."""
+        if self.world_size == 1:
+            test = evaluate_batches(
+                self.model, self.eval_loss, self.test_batches, autocast_dtype=self.autocast
+            )
+            return test.loss, test.acc
+        sums = torch.zeros(3, dtype=torch.float64)
+        mine = list(my_share(self.test_batches))
+        if mine:
+            e = evaluate_batches(self.model, self.eval_loss, mine, autocast_dtype=self.autocast)
+            sums += torch.tensor([e.loss * e.n, e.acc * e.n, e.n], dtype=torch.float64)
+        loss_sum, hits, n = all_reduce_sum([sums.to(self.device)])[0].tolist()
+        return loss_sum / n, hits / n
 
 
 SHOWN = ("m_sharpness", "adaptive_sharpness", "hessian_top", "hessian_trace")
@@ -577,7 +684,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
     """Run (or with ``cfg.resume``, continue) a training run; returns its directory.
 
     ``explicit``: the settings the user gave (CLI); on resume only those are checked
-    against the stored config. Raises :class:`Diverged` on a NaN/inf loss.
+    against the stored config. Raises :class:`Diverged` on a NaN/inf loss. Under a
+    process group (``torchrun``) every rank calls it: data-parallel (docs/scaling.md).
     """
     trainer = Trainer(cfg, explicit)
     trainer.fit()

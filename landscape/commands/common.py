@@ -121,11 +121,6 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def barrier() -> None:
-    if rank_and_world()[1] > 1:
-        torch.distributed.barrier()
-
-
 def write_output(path: str | Path, records: Sequence[Record], provenance: dict[str, Any]) -> None:
     """A measurement command's ``--out``: HDF5 (``.h5``/``.hdf5``, through
     :mod:`landscape.store`) or JSON (``.json``), by extension; written atomically."""

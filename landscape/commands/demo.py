@@ -12,6 +12,7 @@ methods help most).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import numpy as np
 from .. import cli
 from ..store import read_run
 from ..train import TrainConfig, train
-from ..utils import resolve_device
+from ..utils import UserError, resolve_device
 
 PROG = "python -m landscape demo"
 DEFAULT_OPTIMIZERS = [
@@ -128,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from ..plot import plot_files
 
         cfg, _ = cli.parse(DemoConfig, argv, PROG)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("the demo runs in one process; train under torchrun instead")
         configs = [run_config(cfg, spec) for spec in cfg.optimizers]
         for c in configs:
             c.validate()  # every run's settings, before the first one starts

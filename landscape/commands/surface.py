@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import checkpoint, cli, store
-from ..distributed import rank_and_world
+from ..distributed import barrier, rank_and_world
 from ..records import Surface
 from ..surface import (
     BN_MODES,
@@ -32,7 +32,7 @@ from ..surface import (
     random_directions,
 )
 from ..utils import UserError
-from .common import CheckpointData, barrier, process_group, table
+from .common import CheckpointData, process_group, table
 
 PROG = "python -m landscape.surface"
 DIRECTIONS = ("random", "pca", "interp")
