@@ -5,12 +5,16 @@ Both read the same CIFAR-shaped tensors (synthetic by default) and apply random 
 and the ratio ours / baseline (best of --repeats runs each).
 
     PYTHONPATH=. python bench/data_pipeline.py [--samples 50000] [--device cuda]
+
+``--json PATH`` writes both rates and the ratio for bench/gpu.sh.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +78,7 @@ def main() -> None:
     ap.add_argument("--cutout", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="report the best of this many runs")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="write the results to this JSON file")
     args = ap.parse_args()
     device = torch.device(args.device)
 
@@ -99,6 +104,16 @@ def main() -> None:
     print(f"landscape Loader      : {ours_rate:12,.0f} samples/s")
     print(f"per-sample DataLoader : {base_rate:12,.0f} samples/s")
     print(f"ratio ours / baseline : {ours_rate / base_rate:12.1f}x")
+    if args.json:
+        result = {
+            "benchmark": "data_pipeline",
+            "device": str(device),
+            "torch": torch.__version__,
+            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "samples_per_s": {"ours": ours_rate, "baseline": base_rate},
+            "ratios": {"ours_over_baseline": ours_rate / base_rate},
+        }
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

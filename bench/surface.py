@@ -8,7 +8,8 @@ the model's pure forward throughput (the physical limit), one process, same mode
   describe it (written here from that description): per point, the weights set by a Python
   loop over parameters (``p.data = w + x dx + y dy``), then a ``torch.utils.data.DataLoader``
   over a ``Dataset`` of uint8 images that scales and normalises each sample in
-  ``__getitem__``, batch 128, loss and hits summed with ``.item()`` per batch.
+  ``__getitem__``, batch 128 (``--workers`` loader processes; the tool's ``--threads``
+  default is 2), loss and hits summed with ``.item()`` per batch.
 - (b) forward: ``model(x)`` under ``no_grad`` in eval mode over the same device-resident
   data, at the best of several batch sizes: no evaluator doing a full pass per point can
   beat it.
@@ -17,13 +18,18 @@ Rounds interleave the three (median reported), so machine load hits them alike.
 
     python bench/surface.py                       # resnet20 width 8, 2048 images, 3x3 grid
     python bench/surface.py --model simplecnn --samples 4096 --grid 4 --device cuda
+    python bench/surface.py --device cuda --width 16 --samples 10000 --workers 2 --json s.json
+
+``--json PATH`` writes points/s and the ratios ours / (a) and ours / (b) for bench/gpu.sh.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -105,6 +111,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the loop (a)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -120,14 +128,19 @@ def main() -> None:
     dataset = Images(images, labels)
     x = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
     y = torch.from_numpy(labels).to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=128, shuffle=False, num_workers=args.workers
+    )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     directions = random_directions(model, 2, seed=0)
     points = grid_points(np.linspace(-1, 1, args.grid), np.linspace(-1, 1, args.grid))
     n = len(points)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(
         f"{args.model} {kw or ''}: {sum(q.numel() for q in model.parameters()):,} parameters, "
-        f"{args.samples} images 3x32x32, {n} grid points, {device}, {args.threads} threads"
+        f"{args.samples} images 3x32x32, {n} grid points, {device}, {args.threads} threads, "
+        f"loop DataLoader workers {args.workers}, torch {torch.__version__}"
     )
 
     for b in sizes:  # warm-up (allocator, oneDNN kernels)
@@ -147,6 +160,19 @@ def main() -> None:
         )
         loop_t.append(t)
         print(f"round {r + 1}: ours {ours_t[-1]:.2f}s, loop {loop_t[-1]:.2f}s for {n} points")
+        if args.json:  # after every round: a run stopped early still leaves its medians
+            gap = np.abs(ours_loss - loop_loss) / np.abs(loop_loss)
+            result = summary(
+                args,
+                device,
+                fwd_t,
+                best,
+                n / statistics.median(ours_t),
+                n / statistics.median(loop_t),
+                gap,
+                r + 1,
+            )
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
     print("\nforward throughput (one full pass = one grid point):")
     for b in sizes:
@@ -163,6 +189,23 @@ def main() -> None:
         print(f"{name:<34} {rate:9.3f} {rate / rate_loop:11.3f} {rate / limit:14.3f}")
     gap = np.abs(ours_loss - loop_loss) / np.abs(loop_loss)
     print(f"\nsame numbers: max relative |loss ours - loss loop| = {gap.max():.1e}")
+
+
+def summary(args, device, fwd_t, best, rate_ours, rate_loop, gap, rounds) -> dict:
+    """The results so far, for ``--json``."""
+    limit = 1 / statistics.median(fwd_t[best])
+    return {
+        "benchmark": "surface",
+        "device": str(device),
+        "torch": torch.__version__,
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "rounds_done": rounds,
+        "best_batch": best,
+        "points_per_s": {"ours": rate_ours, "loop": rate_loop, "forward": limit},
+        "forward_points_per_s": {b: 1 / statistics.median(t) for b, t in fwd_t.items()},
+        "ratios": {"ours_over_forward": rate_ours / limit, "ours_over_loop": rate_ours / rate_loop},
+        "max_rel_loss_gap": float(gap.max()),
+    }
 
 
 if __name__ == "__main__":
