@@ -92,7 +92,7 @@ def _converter(tp: Any) -> Callable[[Any], Any]:
                 if not isinstance(value, dict):
                     raise ValueError(value)
                 return dict(value)
-            if base is float and isinstance(value, bool):
+            if base in (int, float) and isinstance(value, bool):  # TOML `epochs = true`
                 raise ValueError(value)
             if base is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

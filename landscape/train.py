@@ -19,13 +19,15 @@ rank 0 alone writes the run file and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 
 import numpy as np
 import torch
@@ -36,11 +38,12 @@ from . import checkpoint, cli, measures, optim, surface
 from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
 from .distributed import all_reduce_sum, barrier, my_share, rank_and_world
 from .models import create_model, model_names
-from .store import RunLog
+from .store import RunLog, read_run
 from .utils import UserError, evaluate_batches, resolve_device
 
 RUN_FILE = "run.h5"
 LAST = "last.pt"
+LOCK = ".lock"
 # Settings that say where and how to run, not what to train: they may change on resume.
 RUNTIME = {"out", "resume", "overwrite", "device", "progress", "data_root", "eval_batch_size"}
 
@@ -188,7 +191,13 @@ class TrainConfig:
     progress: bool = cli.arg(True, help="show a progress bar (epoch summaries print regardless)")
 
     def validate(self) -> None:
-        """Raise :class:`UserError` for settings that cannot work."""
+        """Raise :class:`UserError` for settings that cannot work; nothing is trained or
+        written before every setting has been checked."""
+        for f in dataclasses.fields(self):
+            values = getattr(self, f.name)
+            for v in values if isinstance(values, list) else [values]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise UserError(f"--{f.name.replace('_', '-')} must be finite, got {v}")
         for name in ("lr", "epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
@@ -221,6 +230,10 @@ class TrainConfig:
         measures.check_names([m for m in self.measure if m not in SURFACES])
         if self.measure_every < 1 or self.hessian_k < 1 or self.sharpness_m < 1:
             raise UserError("--measure-every, --hessian-k and --sharpness-m must be positive")
+        if self.hessian_k > 1000:
+            raise UserError(f"--hessian-k must be at most 1000, got {self.hessian_k}")
+        if self.sharpness_rho < 0 or self.adaptive_rho < 0:
+            raise UserError("--sharpness-rho and --adaptive-rho must be >= 0")
         if all(s in self.measure for s in SURFACES):
             raise UserError("--measure takes surface_1d or surface_2d, not both")
         if self.surface_points < 2 or self.surface_range <= 0:
@@ -323,6 +336,14 @@ class Trainer:
         self.rank, self.world_size = rank_and_world()
         self.main = self.rank == 0  # writes the run file and checkpoints, prints
         self.out = cfg.out_dir
+        self._lock = _lock(self.out) if self.main else None  # released at the end of fit
+        try:
+            self._setup(cfg, explicit)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _setup(self, cfg: TrainConfig, explicit: set[str] | None) -> None:
         self.cfg = cfg = self._prepare_out_dir(cfg, explicit)
         barrier()  # every rank has checked --out before rank 0 writes there
         self.device = resolve_device(cfg.device)
@@ -458,6 +479,14 @@ class Trainer:
         if cfg.overwrite and self.main:
             for p in [last, run_file, *self.out.glob("epoch_*.pt")]:
                 p.unlink(missing_ok=True)
+        if cfg.resume and not last.exists() and run_file.exists():
+            logged = read_run(run_file)
+            if len(logged.epoch):
+                raise UserError(
+                    f"--resume: {self.out} has no {LAST} to continue from, but its {RUN_FILE} "
+                    f"logs {len(logged.epoch)} epochs ({logged.status}); pass --overwrite "
+                    "to start a new run there"
+                )
         if not (cfg.resume and last.exists()):
             if self.main:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -570,11 +599,24 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to ``cfg.epochs``; returns the last epoch's metrics."""
+        try:
+            return self._fit()
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            (self.out / LOCK).unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
+
+    def _fit(self) -> dict[str, float]:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         if self.epoch >= cfg.epochs:
             if self.main:
-                tqdm.write(f"{self.out}: already trained for {self.epoch} epochs")
+                self.log.set_status("finished")  # also after a kill past the last epoch
+                tqdm.write(f"{self.out}: already trained for {self.epoch} epochs", file=sys.stderr)
             return metrics
         steps = len(self.train_batches)
         with tqdm(
@@ -678,6 +720,28 @@ def format_epoch(
             v = values[name]
             line += f"  {name} {(v[0] if isinstance(v, list | tuple) else v):.4g}"
     return line
+
+
+def _lock(out: Path) -> TextIO:
+    """An exclusive lock on the run directory (``fcntl.flock`` on ``<out>/.lock``, which
+    holds the pid): a second training on the same ``--out`` is refused. The system drops
+    the lock when its process dies, so a killed run leaves no stale lock behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK, "a+")  # noqa: SIM115 (held until the end of fit)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise UserError(
+            f"{out} is in use by another training (pid {pid}); wait for it to end or use "
+            "another --out"
+        ) from None
+    fh.truncate(0)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
 
 
 def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:

@@ -368,3 +368,82 @@ def test_python_m_landscape_dispatches():
         [sys.executable, "-m", "landscape", "nope"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+# -- reliability: bad settings refused before any work, one run per directory ----------------
+
+TINY = [*SYN, "--data-kwargs", json.dumps({"n_train": 64, "n_test": 32}), "--batch-size", "32"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "nan"], "--lr must be finite"),
+        (["--momentum", "inf"], "--momentum must be finite"),
+        (["--optimizer", "sam", "--rho", "nan"], "--rho must be finite"),
+        (["--gamma", "-inf"], "--gamma must be finite"),
+        (["--measure", "m_sharpness", "--sharpness-rho", "-1"], "--sharpness-rho and"),
+        (["--measure", "adaptive_sharpness", "--adaptive-rho", "nan"], "--adaptive-rho must be"),
+        (["--measure", "hessian_top", "--hessian-k", "100000000"], "--hessian-k must be at most"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert run_cli([*TINY, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_a_toml_boolean_is_not_a_number(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("epochs = true\n")
+    assert run_cli([*TINY, "--config", str(tmp_path / "c.toml")]) == 2
+    assert "epochs: expected int, got True" in capsys.readouterr().err
+
+
+def test_resume_without_last_pt_keeps_a_logged_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli([*TINY, "--epochs", "2", "--out", str(out)]) == 0
+    (out / "last.pt").unlink()
+    before = (out / "run.h5").read_bytes()
+    assert run_cli([*TINY, "--epochs", "1", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no last.pt to continue from" in err and "logs 2 epochs (finished)" in err
+    assert (out / "run.h5").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_leaves_it_finished(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    assert run_cli([*TINY, "--epochs", "1", "--out", str(out), "--resume"]) == 0
+    assert "already trained for 1 epochs" in capsys.readouterr().err
+    run = read_run(out / "run.h5")
+    assert run.status == "finished" and list(run.epoch) == [1]
+
+
+def test_a_second_training_on_one_directory_is_refused(tmp_path, capsys):
+    from landscape.train import LOCK, _lock
+
+    out = tmp_path / "run"
+    held = _lock(out)  # as another live training holds it
+    try:
+        assert run_cli([*TINY, "--epochs", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another training (pid {os.getpid()})" in err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing else written
+    finally:
+        held.close()  # the holder ends (or dies): the lock goes with it
+    assert run_cli([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    assert read_run(out / "run.h5").status == "finished"
+    assert not (out / LOCK).exists()  # released and removed at the end of the run
+
+
+def test_a_failed_start_releases_the_lock(tmp_path):
+    cfg = TrainConfig(dataset="synthetic", model="mlp", out=str(tmp_path / "run"), progress=False)
+    cfg.data_kwargs = {"n_train": 7, "n_test": 4}
+    cfg.batch_size, cfg.drop_last = 64, True  # no training batch: refused in set-up
+    with pytest.raises(Exception, match="leaves no training batch") as first:
+        Trainer(cfg)
+    assert first.value is not None  # the traceback (and the Trainer) still alive here
+    cfg.drop_last = False
+    assert train(cfg) == tmp_path / "run"
