@@ -170,11 +170,22 @@ class HessianOperator:
                     n += y.shape[0]
                 if pending is not None:
                     self._graph, self.engine = pending, "cached"
-        count = torch.tensor([float(n)], dtype=torch.float64, device=self.device)
+        bad = (~torch.isfinite(total)).any().to(torch.float64)  # checked with the count: one sync
+        count = torch.stack([torch.tensor(float(n), dtype=torch.float64, device=self.device), bad])
         all_reduce_sum([total, count])
-        n_all = int(count.item())
+        n_all, bad = (int(c) for c in count.tolist())
+        if n_all == 0 and self.n_samples:
+            raise UserError(
+                "the batches gave no data on a second pass: pass a re-iterable (a list, a "
+                "DataLoader, landscape.data.Loader), not a generator"
+            )
         if n_all == 0:
             raise UserError("no data: the batches are empty")
+        if bad:
+            raise UserError(
+                "a Hessian-vector product is not finite: the loss is NaN or inf on this data "
+                "at these weights"
+            )
         self.n_samples = n_all
         self.n_hvp += 1
         if self._tick is not None:

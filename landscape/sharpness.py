@@ -599,6 +599,8 @@ def _run(
     if rank_and_world()[1] > 1:
         torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
     loss, wrong, dloss, dwrong, var, top_norm = torch.cat([total, top[None]]).tolist()
+    if not math.isfinite(loss):
+        raise UserError("the loss is not finite (NaN or inf) on this data at these weights")
     return SharpnessResult(
         value=dloss / n,
         error_increase=dwrong / n,

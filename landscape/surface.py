@@ -363,6 +363,7 @@ def evaluate_points(
     out round-robin and every rank returns all ``n`` values. The model is restored after.
     """
     _check(bn in BN_MODES, f"bn must be one of {BN_MODES}, got {bn!r}")
+    _check(len(coords) > 0, "no points to evaluate (empty x or y)")
     coords = np.asarray(coords, dtype=np.float64).reshape(len(coords), -1)
     _check(coords.shape[1] == len(directions), "coords need one column per direction")
     device = model_device(model)

@@ -277,3 +277,47 @@ def test_torchrun_two_processes_give_the_single_process_value(trained_run, tmp_p
             double["results"][name]["value"], r["value"], rtol=2e-4, atol=1e-7, err_msg=name
         )
         assert double["results"][name]["settings"] == r["settings"]
+
+
+# -- bad data: a clear error, never a silent number -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["top_eigenvalues", "trace", "slq", "m_sharpness", "adaptive_worst", "adaptive_avg"]
+)
+def test_non_finite_data_is_a_clear_error(name):
+    from landscape.utils import UserError
+
+    model, batches = _model_and_data()
+    batches[1][0][3, 1] = float("nan")
+    calls = {
+        "top_eigenvalues": lambda: hessian.top_eigenvalues(model, LOSS_FN, batches),
+        "trace": lambda: hessian.trace(model, LOSS_FN, batches, max_hvp=9),
+        "slq": lambda: hessian.slq(model, LOSS_FN, batches, steps=5),
+        "m_sharpness": lambda: sharpness.m_sharpness(model, LOSS_FN, batches, m=8),
+        "adaptive_worst": lambda: sharpness.adaptive_sharpness(model, LOSS_FN, batches, 0.01),
+        "adaptive_avg": lambda: sharpness.adaptive_sharpness(
+            model, LOSS_FN, batches, 0.01, kind="average", n_draws=2
+        ),
+    }
+    with pytest.raises(UserError, match="not finite"):
+        calls[name]()
+
+
+def test_a_one_shot_generator_is_named_as_the_problem():
+    from landscape.utils import UserError
+
+    model, batches = _model_and_data()
+    with pytest.raises(UserError, match="re-iterable"):
+        hessian.top_eigenvalues(model, LOSS_FN, (b for b in batches))
+
+
+def test_an_empty_grid_is_a_clear_error():
+    from landscape.utils import UserError
+
+    model, batches = _model_and_data()
+    with pytest.raises(UserError, match="no points to evaluate"):
+        surface.evaluate(model, LOSS_FN, batches, surface.random_direction(model), [])
+
+
+LOSS_FN = nn.CrossEntropyLoss()
