@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, cli, measures, optim, surface
+from . import checkpoint, cli, measures, optim, store, surface
 from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
 from .distributed import all_reduce_sum, barrier, my_share, rank_and_world
 from .models import create_model, model_names
@@ -44,6 +45,7 @@ from .utils import UserError, evaluate_batches, resolve_device
 RUN_FILE = "run.h5"
 LAST = "last.pt"
 LOCK = ".lock"
+REPLACED = ".replaced"  # the run an --overwrite replaces, until the new one's first checkpoint
 # Settings that say where and how to run, not what to train: they may change on resume.
 RUNTIME = {"out", "resume", "overwrite", "device", "progress", "data_root", "eval_batch_size"}
 
@@ -340,7 +342,7 @@ class Trainer:
         try:
             self._setup(cfg, explicit)
         except BaseException:
-            self._unlock()
+            self._release()
             raise
 
     def _setup(self, cfg: TrainConfig, explicit: set[str] | None) -> None:
@@ -469,6 +471,8 @@ class Trainer:
 
     def _prepare_out_dir(self, cfg: TrainConfig, explicit: set[str] | None) -> TrainConfig:
         """Refuse to mix runs; with ``--resume``, adopt the stored config."""
+        if self.main:
+            self._restore_replaced()  # an --overwrite that never got to its first checkpoint
         last, run_file = self.out / LAST, self.out / RUN_FILE
         exists = last.exists() or run_file.exists()
         if exists and not (cfg.resume or cfg.overwrite):
@@ -476,9 +480,8 @@ class Trainer:
                 f"{self.out} already holds a run; pass --resume to continue it "
                 "or --overwrite to replace it"
             )
-        if cfg.overwrite and self.main:
-            for p in [last, run_file, *self.out.glob("epoch_*.pt")]:
-                p.unlink(missing_ok=True)
+        if cfg.overwrite and self.main and exists:
+            self._set_aside()
         if cfg.resume and not last.exists() and run_file.exists():
             logged = read_run(run_file)
             if len(logged.epoch):
@@ -602,13 +605,42 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self._unlock()
+            self._release()
 
-    def _unlock(self) -> None:
+    def _release(self) -> None:
+        """End of this process's hold on the run directory: a run replaced by
+        ``--overwrite`` comes back if the new one wrote no checkpoint; the lock goes."""
         if self._lock is not None:
+            self._restore_replaced()
             (self.out / LOCK).unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
+
+    def _run_files(self) -> list[Path]:
+        surfaces = store.surface_file(self.out / RUN_FILE, 0).parent
+        candidates = [self.out / LAST, self.out / RUN_FILE, surfaces]
+        return [p for p in candidates if p.exists()] + sorted(self.out.glob("epoch_*.pt"))
+
+    def _set_aside(self) -> None:
+        """``--overwrite``: move the old run to ``<out>/.replaced/``; it is deleted once the
+        new run has written its first checkpoint, and put back if it never does."""
+        aside = self.out / REPLACED
+        aside.mkdir()
+        for p in self._run_files():
+            p.rename(aside / p.name)
+
+    def _restore_replaced(self) -> None:
+        aside = self.out / REPLACED
+        if not aside.is_dir():
+            return
+        for p in self._run_files():  # the new run's, incomplete
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        for p in aside.iterdir():
+            p.rename(self.out / p.name)
+        aside.rmdir()
 
     def _fit(self) -> dict[str, float]:
         cfg = self.cfg
@@ -668,6 +700,7 @@ class Trainer:
                     self._surface()
                 if self.main:
                     self._save(self.out / LAST, metrics)
+                    shutil.rmtree(self.out / REPLACED, ignore_errors=True)  # replaced for good
                     if cfg.save_every and self.epoch % cfg.save_every == 0:
                         checkpoint.copy(self.out / LAST, self.out / f"epoch_{self.epoch:03d}.pt")
                     values = {k: v for r in records for k, v in r.values.items()}

@@ -447,3 +447,41 @@ def test_a_failed_start_releases_the_lock(tmp_path):
     assert first.value is not None  # the traceback (and the Trainer) still alive here
     cfg.drop_last = False
     assert train(cfg) == tmp_path / "run"
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(tmp_path, capsys, monkeypatch):
+    from landscape.train import REPLACED
+
+    out = tmp_path / "run"
+    argv = [*TINY, "--out", str(out), "--save-every", "1"]
+    assert run_cli([*argv, "--epochs", "2"]) == 0
+    old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert sorted(old) == ["epoch_001.pt", "epoch_002.pt", "last.pt", "run.h5"]
+
+    # the new run fails at once (no training batch): the old one is untouched
+    assert run_cli([*argv, "--overwrite", "--drop-last", "--batch-size", "128"]) == 2
+    assert "leaves no training batch" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
+
+    # the new run is interrupted in its first epoch: the old one comes back
+    def interrupted(self, bar=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_epoch", interrupted)
+        assert run_cli([*argv, "--overwrite", "--epochs", "1"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
+
+    # killed before its first checkpoint (state left by a SIGKILL): the next start restores
+    (out / REPLACED).mkdir()
+    for name in old:
+        (out / name).rename(out / REPLACED / name)
+    (out / "run.h5").write_bytes(b"partial new run")
+    assert run_cli([*argv, "--epochs", "2", "--resume"]) == 0
+    assert "already trained for 2 epochs" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == old["last.pt"] and not (out / REPLACED).exists()
+
+    # a new run that checkpoints replaces the old one for good
+    assert run_cli([*argv, "--overwrite", "--epochs", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["epoch_001.pt", "last.pt", "run.h5"]
+    assert list(read_run(out / "run.h5").epoch) == [1]
