@@ -105,6 +105,7 @@ class HessianOperator:
         *,
         train_mode: bool = False,
         backend: str = "auto",
+        seed: int = 0,
     ) -> None:
         if backend not in BACKENDS:
             raise UserError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -112,7 +113,7 @@ class HessianOperator:
         if not named:
             raise UserError("the model has no parameters that require grad")
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
-        self.train_mode, self.backend = train_mode, backend
+        self.train_mode, self.backend, self.seed = train_mode, backend, seed
         self.names = [n for n, _ in named]
         self.params: list[nn.Parameter] = [p for _, p in named]
         self.numel: int = sum(p.numel() for p in self.params)
@@ -233,11 +234,19 @@ class HessianOperator:
     def _evaluating(self) -> Iterator[None]:
         """The model in the operator's mode, BatchNorm recording nothing, and attention
         (``scaled_dot_product_attention``) on its math kernel, the one with a double
-        backward (the fused CPU/CUDA kernels have none); all restored afterwards."""
+        backward (the fused CPU/CUDA kernels have none); in train mode the RNG reseeded
+        with ``seed`` for every pass (dropout draws the same masks in every product, so the
+        operator is one matrix) on a fork, so the global RNG is left as it was."""
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.train(self.train_mode)
         try:
-            with extra_pass(self.model, freeze_bn=self.train_mode), sdpa_kernel(SDPBackend.MATH):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(extra_pass(self.model, freeze_bn=self.train_mode))
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+                if self.train_mode:
+                    cuda = [self.device] if self.device.type == "cuda" else []
+                    stack.enter_context(torch.random.fork_rng(devices=cuda))
+                    torch.manual_seed(self.seed)
                 yield
         except RuntimeError as e:
             op = re.search(r"derivative for (\S+) is not implemented", str(e))
@@ -379,11 +388,14 @@ def _measuring(
     progress: bool,
     total: int,
     desc: str,
+    seed: int,
 ) -> Iterator[HessianOperator]:
     """The operator of a public entry point, inside ``preserved(model)``, with a tqdm bar
     ticking once per Hessian-vector product (on rank 0, when ``progress``)."""
     with preserved(model):
-        op = HessianOperator(model, loss_fn, batches, train_mode=train_mode, backend=backend)
+        op = HessianOperator(
+            model, loss_fn, batches, train_mode=train_mode, backend=backend, seed=seed
+        )
         quiet = not progress or rank_and_world()[0] != 0
         with tqdm(total=total, desc=desc, unit="hvp", disable=quiet, leave=False) as bar:
             op._tick = bar.update
@@ -488,7 +500,7 @@ def top_eigenvalues(
     _check(budget >= k, f"max_hvp must be at least k={k}, got {budget}")
     gen = _generator(seed)
     with _measuring(
-        model, loss_fn, batches, train_mode, backend, progress, budget, "eigenvalues"
+        model, loss_fn, batches, train_mode, backend, progress, budget, "eigenvalues", seed
     ) as op:
         _check(k <= op.numel, f"k={k} exceeds the number of trainable parameters {op.numel}")
         solve = _lanczos_eigen if method == "lanczos" else _power_eigen
@@ -653,7 +665,9 @@ def trace(
     _check(budget >= (2 if method == "hutchinson" else 3), f"max_hvp too small: {budget}")
     _check(min_hvp >= 1, f"min_hvp must be >= 1, got {min_hvp}")
     gen = _generator(seed)
-    with _measuring(model, loss_fn, batches, train_mode, backend, progress, budget, "trace") as op:
+    with _measuring(
+        model, loss_fn, batches, train_mode, backend, progress, budget, "trace", seed
+    ) as op:
         exact, project = 0.0, None
         if method == "hutch++":
             m = min(budget // 3, op.numel)
@@ -756,7 +770,7 @@ def slq(
     _check(isinstance(steps, int) and steps >= 1, f"steps must be a positive integer: {steps!r}")
     gen = _generator(seed)
     with _measuring(
-        model, loss_fn, batches, train_mode, backend, progress, n_v * steps, "slq"
+        model, loss_fn, batches, train_mode, backend, progress, n_v * steps, "slq", seed
     ) as op:
         steps = min(steps, op.numel)
         nodes, weights = np.empty((n_v, steps)), np.empty((n_v, steps))

@@ -54,7 +54,8 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore weights, buffers, train/eval mode, ``requires_grad`` and ``.grad`` on exit.
+    """Restore weights, buffers, train/eval mode, ``requires_grad`` and ``.grad`` on exit,
+    and the global RNG (forked: dropout in a train-mode measurement draws from it).
 
     The tensors themselves are kept (values are copied back in place), so optimizers and
     hooks holding references to them stay valid. Works on exceptions too.
@@ -67,8 +68,10 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     saved_grads = [None if g is None else g.detach().clone() for g in grads]
+    device = model_device(model)
     try:
-        yield model
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield model
     finally:
         with torch.no_grad():
             for p, s, r in zip(params, saved_params, requires, strict=True):

@@ -321,3 +321,42 @@ def test_an_empty_grid_is_a_clear_error():
 
 
 LOSS_FN = nn.CrossEntropyLoss()
+
+
+def test_train_mode_measures_with_dropout_are_seeded_and_leave_the_global_rng():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3))
+    batches = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+    state = torch.get_rng_state()
+    a = hessian.top_eigenvalues(model, LOSS_FN, batches, k=2, train_mode=True, seed=3)
+    b = hessian.top_eigenvalues(model, LOSS_FN, batches, k=2, train_mode=True, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is where it was
+    assert a.values == b.values  # same masks: the same operator, the same numbers
+    sharpness.m_sharpness(model, LOSS_FN, batches, m=8, train_mode=True)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_train_mode_hessian_with_dropout_is_one_fixed_matrix():
+    """Two batches (no kept graph: every product runs new forwards), dropout in train mode:
+    with the masks reseeded per pass, the top eigenvalues are those of the dense Hessian
+    of the loss under the masks that seed draws (float64, 1e-6)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 2)).double()
+    batches = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))) for _ in "ab"]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(flat):
+        params = dict(
+            zip(names, (c.view(s) for c, s in zip(flat.split([s.numel() for s in shapes]), shapes)))
+        )
+        out = [torch.func.functional_call(model, params, (x,)) for x, _ in batches]
+        return sum(LOSS_FN(o, y) for o, (_, y) in zip(out, batches)) / 2
+
+    model.train()
+    torch.manual_seed(3)
+    dense = torch.autograd.functional.hessian(loss, flat0)
+    expected = torch.linalg.eigvalsh(dense).flip(0)[:2].numpy()
+    got = hessian.top_eigenvalues(model, LOSS_FN, batches, k=2, tol=1e-10, train_mode=True, seed=3)
+    np.testing.assert_allclose(got.values, expected, rtol=1e-6)
