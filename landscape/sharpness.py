@@ -44,7 +44,7 @@ from .utils import (
     Batches,
     LossFn,
     UserError,
-    correct_count,
+    accuracy,
     model_device,
     preserved,
     to_device,
@@ -512,7 +512,7 @@ def _evaluate(
             else:
                 torch._foreach_add_(grads, g, alpha=n / size)
         loss += piece_loss.detach().double() * (n / size)
-        wrong += n - correct_count(out.detach(), y)
+        wrong += n - accuracy(out.detach(), y)[0]
     return loss, wrong, grads
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..utils import correct_count
+from ..utils import accuracy
 
 
 class Closure:
@@ -78,7 +78,7 @@ class Closure:
             (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
             total += loss.detach().float() * share
             if count:
-                self.hits += correct_count(out.detach(), y)
+                self.hits += accuracy(out.detach(), y)[0]
                 self.seen += part.stop - part.start
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
