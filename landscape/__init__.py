@@ -18,6 +18,7 @@ SUBMODULES = (
     "data",
     "distributed",
     "hessian",
+    "losses",
     "measures",
     "models",
     "optim",
@@ -25,11 +26,15 @@ SUBMODULES = (
     "records",
     "sharpness",
     "spectra",
+    "stats",
     "store",
+    "study",
     "surface",
     "train",
     "utils",
 )
+# submodules that need an extra (pip install landscape[lightning]): lazy, not in __all__
+OPTIONAL = ("lightning",)
 # public name -> (module, attribute)
 NAMES = {
     "TrainConfig": ("train", "TrainConfig"),
@@ -40,13 +45,14 @@ NAMES = {
     "create_optimizer": ("optim", "create"),
     "read_run": ("store", "read_run"),
     "read_surface": ("store", "read_surface"),
+    "read_study": ("study", "read_study"),
     "UserError": ("utils", "UserError"),
 }
 __all__ = ["__version__", *SUBMODULES, *NAMES]
 
 
 def __getattr__(name: str) -> Any:
-    if name in SUBMODULES:
+    if name in SUBMODULES or name in OPTIONAL:
         return importlib.import_module(f".{name}", __name__)
     if name in NAMES:
         module, attr = NAMES[name]

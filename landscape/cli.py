@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -33,6 +34,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 C = TypeVar("C")
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``prog: error: ...``, status
+    2), not the whole usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def arg(
@@ -96,7 +106,12 @@ def _converter(tp: Any) -> Callable[[Any], Any]:
                 raise ValueError(value)
             if base is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
-            return base(value)
+            converted = base(value)
+            if base is int and not INT_MIN <= converted <= INT_MAX:  # HDF5 and torch: int64
+                raise argparse.ArgumentTypeError(
+                    f"expected an int between {INT_MIN} and {INT_MAX}, got {value!r}"
+                )
+            return converted
         except (ValueError, TypeError, json.JSONDecodeError):
             kind = getattr(base, "__name__", str(base))
             if origin is list:
@@ -125,7 +140,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     """An ``ArgumentParser`` with one flag per field of the dataclass ``cls``. A class
     attribute ``SECTIONS = {first_field: title}`` groups the flags in ``--help``: each
     title covers its field and those after it, up to the next one."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -200,14 +215,42 @@ def _join_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file; a missing or malformed file is a :class:`UserError`."""
+    """Read a TOML config file; a missing, unreadable or malformed file (a directory,
+    binary or not UTF-8) is a :class:`UserError`."""
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"cannot parse {path}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"cannot parse {path}: {e}") from None
+
+
+def check_output(path: str | Path, flag: str, directory: bool = False) -> None:
+    """A :class:`UserError` before any work if ``path`` cannot become the output file
+    (``directory=False``) or directory ``flag`` names: it exists as the other kind, what
+    should be a directory above it is a file, or the directory to write in is read-only."""
+    path = Path(path)
+    want = "directory" if directory else "file"
+    if path.exists() and path.is_dir() != directory:
+        raise UserError(
+            f"{flag} {path}: not a {want} (a {'file' if directory else 'directory'} is there)"
+        )
+    nearest = next((p for p in [path, *path.parents][not directory :] if p.exists()), None)
+    if nearest is None:
+        return
+    if not nearest.is_dir():
+        raise UserError(f"{flag} {path}: {nearest} is a file, not a directory")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: the directory {nearest} is not writable")
 
 
 def parse(
@@ -270,7 +313,9 @@ def run(main: Callable[[], int | None], prog: str) -> None:
         sys.exit(2)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+        where += f" -> {e.filename2}" if e.filename2 else ""  # a rename's target
+        text = (str(e.strerror or e).splitlines() or [type(e).__name__])[0]
+        print(f"{prog}: error: {text}{where}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

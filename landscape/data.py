@@ -15,6 +15,14 @@ Built-in datasets (``dataset_names()``):
 - ``cifar10``, ``cifar100``: the official python-pickle tarballs.
 - ``synthetic``: seeded class prototypes plus Gaussian noise, any shape; for tests.
 
+The researcher's own data: ``MODULE:CALLABLE`` (``load_dataset("mydata:build")``),
+imported like a model (:func:`landscape.models.import_callable`) and called with the
+dataset options; it returns ``(train, test)``, each a map-style
+``torch.utils.data.Dataset`` of ``(inputs, target)`` samples (collated once with
+``default_collate``: inputs may be tensors, dicts or tuples of them) or a pair of
+``(inputs, targets)`` already batched along dim 0. No preprocessing or augmentation is
+added; the loaders batch any input structure (:func:`landscape.utils.take`).
+
 Each file is looked up in ``<root>/<name>/`` (``root``: the argument, else
 ``$LANDSCAPE_DATA``, else ``~/.cache/landscape``), then in ``/usr/share/datasets/<name>/``
 (Debian's packages, e.g. ``apt-get install dataset-fashion-mnist``; read in place, never
@@ -33,6 +41,7 @@ import gzip
 import hashlib
 import http.client
 import inspect
+import json
 import math
 import os
 import pickle
@@ -43,7 +52,7 @@ import threading
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from landscape.utils import UserError, to_device
+from landscape.models import check_call, import_callable, is_user_spec
+from landscape.utils import Inputs, UserError, move, take, to_device
 
 __all__ = [
     "DATASETS",
@@ -67,6 +77,7 @@ __all__ = [
     "default_root",
     "device_batches",
     "eval_loader",
+    "holdout_indices",
     "load_dataset",
     "read_idx",
     "train_loader",
@@ -78,54 +89,94 @@ __all__ = [
 
 @dataclass
 class Dataset:
-    """A labelled image dataset held in memory.
+    """A labelled dataset held in memory.
 
-    ``train_x``/``test_x`` are float32 NCHW tensors, already normalised with the
-    per-channel ``mean``/``std`` (of pixel values in [0, 1]); ``train_y``/``test_y``
-    are int64 class indices. ``augment`` names the default training augmentation
-    (see :meth:`Augment.named`). ``load_dataset(**spec)`` rebuilds this exact dataset.
+    Built-in datasets: ``train_x``/``test_x`` are float32 NCHW tensors, already
+    normalised with the per-channel ``mean``/``std`` (of pixel values in [0, 1]);
+    ``train_y``/``test_y`` are int64 class indices. A user's dataset (``MODULE:CALLABLE``)
+    holds its inputs as given, a tensor or a dict/tuple of tensors (rows along dim 0), its
+    targets as a tensor, ``num_classes`` read off integer labels (else None) and no
+    ``mean``/``std``. ``augment`` names the default training augmentation (see
+    :meth:`Augment.named`). ``load_dataset(**spec)`` rebuilds this exact dataset.
     """
 
     name: str
-    train_x: Tensor
+    train_x: Inputs
     train_y: Tensor
-    test_x: Tensor
+    test_x: Inputs
     test_y: Tensor
-    num_classes: int
+    num_classes: int | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str = "none"
     spec: dict = field(default_factory=dict)
+    # a validation hold-out of the training set (load_dataset's val_split): its samples,
+    # and their indices in the full training set
+    val_x: Inputs | None = None
+    val_y: Tensor | None = None
+    val_indices: Tensor | None = None
 
     @property
-    def in_channels(self) -> int:
-        return self.train_x.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        """Height of the images (all built-in datasets have square images)."""
-        return self.train_x.shape[2]
+    def is_image(self) -> bool:
+        """Whether the inputs are one NCHW image tensor (zoo models, augmentation)."""
+        return isinstance(self.train_x, Tensor) and self.train_x.ndim == 4
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image."""
+        if not self.is_image:
+            raise UserError(
+                f"{self.name}: the inputs are not NCHW images ({_shapes(self.train_x)})"
+            )
         return tuple(self.train_x.shape[1:])
 
     @property
+    def in_channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        """Height of the images (all built-in datasets have square images)."""
+        return self.shape[1]
+
+    @property
     def device(self) -> torch.device:
-        return self.train_x.device
+        return self.train_y.device
 
     def to(self, device: torch.device | str) -> Dataset:
         """A copy with all tensors on ``device`` (no copy for tensors already there)."""
-        t = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
+        names = ("train_x", "train_y", "test_x", "test_y", "val_x", "val_y")
+        t = {k: move(getattr(self, k), device) for k in names}
         return dataclasses.replace(self, **t)
 
     def __repr__(self) -> str:
         return (
-            f"Dataset({self.name!r}, train={tuple(self.train_x.shape)}, "
-            f"test={tuple(self.test_x.shape)}, num_classes={self.num_classes}, "
+            f"Dataset({self.name!r}, train={_shapes(self.train_x)}, "
+            f"test={_shapes(self.test_x)}, num_classes={self.num_classes}, "
             f"augment={self.augment!r}, device={self.device}, spec={self.spec})"
         )
+
+
+def _leaves(obj: Any) -> Iterator[Any]:
+    """The values at the leaves of nested mappings, tuples and lists."""
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, tuple | list):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def _shapes(obj: Any) -> Any:
+    """``obj`` with each tensor replaced by its shape (for messages and reprs)."""
+    if isinstance(obj, Tensor):
+        return tuple(obj.shape)
+    if isinstance(obj, Mapping):
+        return {k: _shapes(v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(_shapes(v) for v in obj)
+    return type(obj).__name__
 
 
 def default_root() -> Path:
@@ -330,9 +381,15 @@ def _locate(name: str, root: Path, download: bool) -> dict[str, Path]:
     source = SOURCES[name]
     folder = root / name
     dirs = list(dict.fromkeys([folder, SYSTEM_DATA_ROOT / name]))
+    for d in (root, folder):
+        if d.exists() and not d.is_dir():
+            raise UserError(f"{name}: the data directory {d} is a file")
     found: dict[str, Path] = {}
     for f in source.md5:
         names = [f, f.removesuffix(".gz")] if f in source.sha256 else [f]
+        odd = [d / n for d in dirs for n in names if (d / n).exists() and not (d / n).is_file()]
+        if odd:
+            raise UserError(f"{name}: {odd[0]} is not a file (a directory?); remove it")
         path = next((d / n for d in dirs for n in names if (d / n).is_file()), None)
         if path is not None:
             found[f] = path
@@ -670,7 +727,46 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0]))
 
 
-_SUBSET, _NOISE, _LOADER, _EVAL = 1, 2, 3, 4  # streams of _generator(seed, stream, ...)
+_SUBSET, _NOISE, _LOADER, _EVAL, _VAL = 1, 2, 3, 4, 5  # streams of _generator(seed, stream)
+
+
+def holdout_indices(y: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """Sorted indices of ``round(fraction * len(y))`` samples drawn with ``seed``: a
+    validation hold-out. Stratified for class labels (1-D integer ``y``): each class gives
+    its share ``k * n_c / n`` rounded by largest remainder (within one sample); other
+    targets are drawn uniformly."""
+    n = len(y)
+    k = round(fraction * n)
+    if not 0 < fraction < 1 or not 0 < k < n:
+        raise UserError(
+            f"val_split {fraction} of {n} training samples leaves no validation or no "
+            "training sample; use a fraction in (0, 1) that does"
+        )
+    perm = torch.randperm(n, generator=_generator(seed, _VAL))
+    y = y.cpu()
+    if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return perm[:k].sort().values
+    ys = y[perm]
+    classes, counts = torch.unique(ys, return_counts=True)
+    quota = counts.double() * k / n
+    share = quota.floor().long()
+    extra = torch.argsort(quota - share, descending=True, stable=True)[: k - int(share.sum())]
+    share[extra] += 1
+    picks = [perm[ys == c][:m] for c, m in zip(classes.tolist(), share.tolist(), strict=True)]
+    return torch.cat(picks).sort().values
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    """What builds dataset ``name``: a :data:`DATASETS` builder, or the user's
+    ``MODULE:CALLABLE`` (imported here, so a bad name fails before any work)."""
+    if isinstance(name, str) and is_user_spec(name):
+        return import_callable(name, "--dataset")
+    if name not in DATASETS:
+        raise UserError(
+            f"unknown dataset {name!r}; choose from {', '.join(dataset_names())}, "
+            "or MODULE:CALLABLE (your own)"
+        )
+    return DATASETS[name]
 
 
 def load_dataset(
@@ -681,36 +777,56 @@ def load_dataset(
     subset: int | None = None,
     label_noise: float = 0.0,
     seed: int = 0,
-    **kw,
+    val_split: float = 0.0,
+    val_seed: int = 0,
+    kwargs: Mapping[str, Any] | None = None,
+    **kw: Any,
 ) -> Dataset:
-    """Load dataset ``name`` (see :func:`dataset_names`) into CPU tensors.
+    """Load dataset ``name`` (see :func:`dataset_names`, or ``MODULE:CALLABLE``: the
+    module docstring) into CPU tensors.
 
     ``subset=N`` keeps a seeded random subset of N training samples (original order).
     ``label_noise=p`` then replaces the labels of exactly ``round(p * N)`` seeded random
     training samples by a uniformly drawn *different* class (symmetric noise, as in the
     SAM papers' label-noise experiments). The test set never changes. ``seed`` drives only
-    these two; ``kw`` are the builder's options (``synthetic``: ``n_train``, ``n_test``,
-    ``shape``, ``num_classes``, ``noise``, ``data_seed``).
+    these two. ``val_split=f`` first holds out the fraction ``f`` of the full training set
+    as ``val_x``/``val_y`` (:func:`holdout_indices` with ``val_seed``, stratified by class;
+    clean labels), independent of ``seed``; the rest is the training set. ``kw`` and
+    ``kwargs`` (for option names that clash with these) are the builder's options
+    (``synthetic``: ``n_train``, ``n_test``, ``shape``, ``num_classes``, ``noise``,
+    ``data_seed``), or the keyword arguments of the user's callable.
     """
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(dataset_names())}")
-    builder = DATASETS[name]
-    root = Path(root).expanduser() if root is not None else default_root()
-    try:
-        inspect.signature(builder).bind(root, download, **kw)
-    except TypeError:
-        raise UserError(f"dataset {name!r} does not take options {sorted(kw)}") from None
+    builder = resolve(name)
+    options = {**kw, **(kwargs or {})}
     if not 0.0 <= label_noise < 1.0:
         raise UserError(f"label_noise must be in [0, 1), got {label_noise}")
-    ds = builder(root, download, **kw)
+    if is_user_spec(name):
+        ds = _user_dataset(name, builder, options)
+    else:
+        root = Path(root).expanduser() if root is not None else default_root()
+        try:
+            inspect.signature(builder).bind(root, download, **options)
+        except TypeError:
+            raise UserError(f"dataset {name!r} does not take options {sorted(options)}") from None
+        ds = builder(root, download, **options)
     x, y = ds.train_x, ds.train_y
     n = len(y)
+    val: dict[str, Any] = {}
+    if val_split:
+        held = holdout_indices(y, val_split, val_seed)
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[held] = False
+        val = {"val_x": take(x, held), "val_y": y[held], "val_indices": held}
+        x, y = take(x, rest.nonzero().squeeze(1)), y[rest]
+        n = len(y)
     if subset is not None:
         if isinstance(subset, bool) or not isinstance(subset, int) or not 0 < subset <= n:
             raise UserError(f"subset must be in [1, {n}] for {name}, got {subset}")
         keep = torch.randperm(n, generator=_generator(seed, _SUBSET))[:subset].sort().values
-        x, y, n = x[keep], y[keep], subset
+        x, y, n = take(x, keep), y[keep], subset
     if label_noise > 0:
+        if ds.num_classes is None or ds.num_classes < 2 or y.ndim != 1:
+            raise UserError(f"label noise needs one class label per sample; {name} has none")
         k = round(label_noise * n)
         g = _generator(seed, _NOISE)
         idx = torch.randperm(n, generator=g)[:k]
@@ -718,7 +834,75 @@ def load_dataset(
         y = y.clone()
         y[idx] = (y[idx] + shift) % ds.num_classes
     spec = {"name": name, **ds.spec, "subset": subset, "label_noise": label_noise, "seed": seed}
-    return dataclasses.replace(ds, train_x=x, train_y=y, spec=spec)
+    if val_split:
+        spec.update(val_split=val_split, val_seed=val_seed)
+    return dataclasses.replace(ds, train_x=x, train_y=y, spec=spec, **val)
+
+
+def _user_dataset(spec: str, build: Callable[..., Any], options: dict[str, Any]) -> Dataset:
+    """``build(**options)`` -> ``(train, test)`` as a :class:`Dataset` (module docstring)."""
+    try:
+        json.dumps(options, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--dataset {spec}: options must be JSON-serializable: {e}") from None
+    check_call(build, options, f"--dataset {spec}")
+    splits = build(**options)
+    if not (isinstance(splits, tuple | list) and len(splits) == 2):
+        raise UserError(
+            f"--dataset {spec} returned an object of type {type(splits).__name__}; expected "
+            "(train, test)"
+        )
+    (tx, ty), (vx, vy) = (
+        _in_memory(spec, part, s) for part, s in zip(("train", "test"), splits, strict=True)
+    )
+    labels = [t for t in (ty, vy) if t.numel()]
+    integer = all(
+        not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool) for t in labels
+    )
+    num_classes = int(max(t.max() for t in labels)) + 1 if labels and integer else None
+    return Dataset(spec, tx, ty, vx, vy, num_classes, (), (), spec={"kwargs": options})
+
+
+def _in_memory(spec: str, part: str, split: Any) -> tuple[Inputs, Tensor]:
+    """One split as ``(inputs, targets)`` with every tensor's dim 0 the sample axis."""
+    where = f"--dataset {spec}: the {part} split"
+    if isinstance(split, torch.utils.data.IterableDataset):
+        raise UserError(f"{where} is an IterableDataset; return a map-style Dataset")
+    if isinstance(split, torch.utils.data.Dataset):
+        try:
+            n = len(split)
+        except TypeError:
+            raise UserError(f"{where} has no len(); return a map-style Dataset") from None
+        samples = [split[i] for i in range(n)]
+        bad = next((s for s in samples if not (isinstance(s, tuple | list) and len(s) == 2)), None)
+        if bad is not None:
+            raise UserError(f"{where}: samples must be (inputs, target) pairs, got {_shapes(bad)}")
+        if not samples:
+            raise UserError(f"{where} is empty")
+        try:
+            split = torch.utils.data.default_collate(samples)
+        except (TypeError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{where}: samples do not stack into tensors ({first})") from None
+    elif not (isinstance(split, tuple | list) and len(split) == 2):
+        raise UserError(
+            f"{where} is of type {type(split).__name__}; expected a torch.utils.data.Dataset or "
+            "a pair (inputs, targets) of tensors"
+        )
+    x, y = split
+    if isinstance(x, list):  # default_collate turns tuple inputs into lists
+        x = tuple(x)
+    if not isinstance(y, Tensor) or y.ndim == 0:
+        raise UserError(f"{where}: targets must be a tensor with a sample axis, got {_shapes(y)}")
+    sizes = {t.shape[0] if isinstance(t, Tensor) and t.ndim else None for t in _leaves(x)}
+    if sizes != {len(y)}:
+        raise UserError(
+            f"{where}: inputs {_shapes(x)} and targets {tuple(y.shape)} must be tensors with "
+            "the same number of rows"
+        )
+    if not len(y):
+        raise UserError(f"{where} is empty")
+    return x, y
 
 
 # ---------------------------------------------------------------------------- loading
@@ -802,7 +986,8 @@ class Loader:
     epoch depend only on ``(seed, epoch)``; call :meth:`set_epoch` each epoch. Random
     numbers come from a CPU generator (one small host-to-device copy per epoch), so a
     CPU and a GPU run see identical batches; there is no host sync per batch.
-    Unshuffled, unaugmented batches are views of ``x`` and ``y``.
+    Unshuffled, unaugmented batches are views of ``x`` and ``y``. ``x`` is a tensor or a
+    dict/tuple of tensors (every one sliced along dim 0); augmentation needs NCHW images.
 
     ``rank``/``world_size`` shard it for data-parallel training: every rank draws the
     same order and augmentation and takes its contiguous ``1 / world_size`` slice of each
@@ -812,7 +997,7 @@ class Loader:
 
     def __init__(
         self,
-        x: Tensor,
+        x: Inputs,
         y: Tensor,
         batch_size: int,
         *,
@@ -823,14 +1008,25 @@ class Loader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if len(x) != len(y):
-            raise UserError(f"Loader: {len(x)} inputs but {len(y)} targets")
-        if x.device != y.device:
-            raise UserError(f"Loader: inputs on {x.device} but targets on {y.device}")
+        tensors = list(_leaves(x))
+        if not all(isinstance(t, Tensor) and t.ndim for t in tensors):
+            raise UserError(
+                f"Loader: inputs must be tensors (or dicts/tuples of them), got {_shapes(x)}"
+            )
+        if any(len(t) != len(y) for t in tensors):
+            raise UserError(f"Loader: inputs {_shapes(x)} but {len(y)} targets")
+        devices = {t.device for t in tensors}
+        if devices != {y.device}:
+            raise UserError(
+                f"Loader: inputs on {sorted(map(str, devices))} but targets on {y.device}"
+            )
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
-        if augment is not None and augment.active and x.ndim != 4:
-            raise UserError(f"augmentation needs NCHW images, got shape {tuple(x.shape)}")
+        image = isinstance(x, Tensor) and x.ndim == 4
+        if augment is not None and augment.active and not image:
+            raise UserError(
+                f"augmentation (--augment, --cutout) needs NCHW image tensors, got {_shapes(x)}"
+            )
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -866,8 +1062,8 @@ class Loader:
     def __len__(self) -> int:
         return -(-self._total // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n, b, device = self._total, self.batch_size, self.x.device
+    def __iter__(self) -> Iterator[tuple[Inputs, Tensor]]:
+        n, b, device = self._total, self.batch_size, self.y.device
         order = params = None
         if self.shuffle or self.augment is not None:
             g = _generator(self.seed, _LOADER, self.epoch)
@@ -881,10 +1077,10 @@ class Loader:
             i = start + self.rank * share  # this rank's slice [i, j) of the batch
             j = i + share
             if order is None:
-                xb, yb = self.x[i:j], self.y[i:j]
+                xb, yb = take(self.x, slice(i, j)), self.y[i:j]
             else:
                 idx = order[i:j]
-                xb, yb = self.x[idx], self.y[idx]
+                xb, yb = take(self.x, idx), self.y[idx]
             if params is not None:
                 xb = self.augment.apply(xb, params[i:j])
             yield xb, yb
@@ -893,7 +1089,7 @@ class Loader:
         return (
             f"Loader(n={len(self.y)}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
             f"drop_last={self.drop_last}, augment={self.augment}, seed={self.seed}, "
-            f"epoch={self.epoch}, device={self.x.device}"
+            f"epoch={self.epoch}, device={self.y.device}"
             + (f", rank={self.rank}/{self.world_size})" if self.world_size > 1 else ")")
         )
 
@@ -934,20 +1130,23 @@ def eval_loader(
     subset: int | None = None,
     seed: int = 0,
 ) -> Loader:
-    """Unshuffled, unaugmented loader for evaluation over ``split`` ("test" or "train").
+    """Unshuffled, unaugmented loader for evaluation over ``split`` ("test", "train", or
+    "val": the validation hold-out).
 
     ``subset=N`` keeps a fixed seeded random subset of N samples (in their original
     order), so measurements repeated every epoch see the same data.
     """
-    if split not in ("test", "train"):
-        raise UserError(f"split must be 'test' or 'train', got {split!r}")
+    if split not in ("test", "train", "val"):
+        raise UserError(f"split must be 'test', 'train' or 'val', got {split!r}")
     x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
+    if y is None:
+        raise UserError(f"{ds.name} has no validation split (load it with val_split)")
     if subset is not None and subset < len(y):
         if subset < 1:
             raise UserError(f"subset must be >= 1, got {subset}")
         keep = torch.randperm(len(y), generator=_generator(seed, _EVAL))[:subset].sort().values
-        keep = keep.to(x.device)
-        x, y = x[keep], y[keep]
+        keep = keep.to(y.device)
+        x, y = take(x, keep), y[keep]
     return Loader(x, y, batch_size)
 
 
@@ -962,10 +1161,10 @@ class _OnDevice:
         return len(self.data)
 
 
-def device_batches(data: Iterable, device: torch.device | str) -> Iterable[tuple[Tensor, Tensor]]:
+def device_batches(data: Iterable, device: torch.device | str) -> Iterable[tuple[Inputs, Tensor]]:
     """Re-iterable ``(x, y)`` batches on ``device`` from a :class:`Loader`, a
     ``torch.utils.data.DataLoader`` or a list of ``(x, y)`` tuples."""
     device = torch.device(device)
-    if isinstance(data, Loader) and data.x.device == device:
+    if isinstance(data, Loader) and data.y.device == device:
         return data
     return _OnDevice(data, device)

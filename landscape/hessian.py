@@ -17,6 +17,11 @@ grad taking part. Vectors are lists of tensors aligned with
   Lanczos quadrature (Lin, Saad & Yang 2016; Ubaru, Chen & Saad 2017; Ghorbani, Krishnan &
   Xiao 2019; Yao et al. 2020).
 
+Batches are ``(inputs, targets)`` with inputs of any structure (a tensor, a tuple/list of
+positional arguments or a mapping of keyword arguments: :func:`landscape.utils.forward`).
+A model wrapped by ``torch.compile`` is measured through its original module
+(``_orig_mod``, the same weights): nothing is compiled for second derivatives.
+
 Measurements leave the model as they found it (:func:`landscape.utils.preserved`). By default
 the model is evaluated in eval mode (BatchNorm with its running statistics); with
 ``train_mode=True`` BatchNorm normalises with batch statistics and records nothing. Under
@@ -48,9 +53,13 @@ from .records import CURVATURE, ONE, Record
 from .spectra import density_from_slq
 from .utils import (
     Batches,
+    Inputs,
     LossFn,
     UserError,
+    batch_len,
+    forward,
     preserved,
+    seed_rng,
     to_device,
     trainable,
 )
@@ -109,6 +118,7 @@ class HessianOperator:
     ) -> None:
         if backend not in BACKENDS:
             raise UserError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: same weights
         named = trainable(model)
         if not named:
             raise UserError("the model has no parameters that require grad")
@@ -163,12 +173,12 @@ class HessianOperator:
                 for i, (x, y) in enumerate(to_device(my_share(self.batches), self.device)):
                     pending = None  # a second batch: no graph is kept
                     if first_pass and i == 0 and self.backend == "auto":
-                        pending = (self._grads(x, y), y.shape[0])
+                        pending = (self._grads(x, y), batch_len(y))
                         hv = self._backward_hvp(pending[0], vs, retain=True)
                     else:
                         hv = self._batch_hvp(x, y, vs)
-                    torch._foreach_add_(acc, hv, alpha=y.shape[0])
-                    n += y.shape[0]
+                    torch._foreach_add_(acc, hv, alpha=batch_len(y))
+                    n += batch_len(y)
                 if pending is not None:
                     self._graph, self.engine = pending, "cached"
         bad = (~torch.isfinite(total)).any().to(torch.float64)  # checked with the count: one sync
@@ -193,24 +203,28 @@ class HessianOperator:
             self._tick()
         return total.div_(n_all)
 
-    def _batch_hvp(self, x: Tensor, y: Tensor, vs: tuple[Tensor, ...]) -> Sequence[Tensor]:
+    def _batch_hvp(self, x: Inputs, y: Tensor, vs: tuple[Tensor, ...]) -> Sequence[Tensor]:
         if self.backend == "func":
             self.engine = "func"
             return self._func_hvp(x, y, vs)
         self.engine = "double"
         return self._backward_hvp(self._grads(x, y), vs, retain=False)
 
-    def _func_hvp(self, x: Tensor, y: Tensor, vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def _func_hvp(self, x: Inputs, y: Tensor, vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         def loss_at(params: tuple[Tensor, ...]) -> Tensor:
-            out = functional_call(self.model, dict(zip(self.names, params, strict=True)), (x,))
-            return self.loss_fn(out, y)
+            named = dict(zip(self.names, params, strict=True))
+
+            def call(*args: object, **kwargs: object) -> object:
+                return functional_call(self.model, named, args, kwargs)
+
+            return self.loss_fn(forward(call, x), y)  # x unpacked as forward() does
 
         primals = tuple(p.detach() for p in self.params)
         return jvp(grad(loss_at), (primals,), (vs,))[1]
 
-    def _grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    def _grads(self, x: Inputs, y: Tensor) -> tuple[Tensor, ...]:
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(x), y)
+            loss = self.loss_fn(forward(self.model, x), y)
             return torch.autograd.grad(
                 loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
             )
@@ -246,7 +260,7 @@ class HessianOperator:
                 if self.train_mode:
                     cuda = [self.device] if self.device.type == "cuda" else []
                     stack.enter_context(torch.random.fork_rng(devices=cuda))
-                    torch.manual_seed(self.seed)
+                    seed_rng(self.seed, self.device)
                 yield
         except RuntimeError as e:
             op = re.search(r"derivative for (\S+) is not implemented", str(e))
@@ -266,8 +280,8 @@ class HessianOperator:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         with self._evaluating(), torch.no_grad():
             for x, y in to_device(my_share(self.batches), self.device):
-                total[0] += self.loss_fn(self.model(x), y).detach().double() * y.shape[0]
-                total[1] += y.shape[0]
+                total[0] += self.loss_fn(forward(self.model, x), y).detach().double() * batch_len(y)
+                total[1] += batch_len(y)
         all_reduce_sum([total])
         if total[1].item() == 0:
             raise UserError("no data: the batches are empty")

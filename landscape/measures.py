@@ -14,7 +14,8 @@ Each measure returns the :class:`~landscape.records.Record` of its result
 =====================  ======================================================================
 
 All run on the same fixed batches every epoch (a seeded subset of the training set,
-without augmentation) with fixed seeds, so epochs are comparable.
+without augmentation) with fixed seeds, so epochs are comparable. The sharpness errors come
+from ``metric_fn`` (default: accuracy per target element; ``None``: no ``_error`` values).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 from . import hessian, sharpness
 from .records import Record
-from .utils import Batches, LossFn, UserError
+from .utils import Batches, LossFn, MetricFn, UserError, accuracy
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,13 @@ class MeasureSettings:
     seed: int = 0
 
 
-def _m_sharpness(model, loss_fn, batches, s: MeasureSettings) -> Record:
+def _m_sharpness(model, loss_fn, batches, s: MeasureSettings, metric_fn) -> Record:
     return sharpness.m_sharpness(
-        model, loss_fn, batches, s.sharpness_rho, s.sharpness_m
+        model, loss_fn, batches, s.sharpness_rho, s.sharpness_m, seed=s.seed, metric_fn=metric_fn
     ).to_record()
 
 
-def _adaptive_sharpness(model, loss_fn, batches, s: MeasureSettings) -> Record:
+def _adaptive_sharpness(model, loss_fn, batches, s: MeasureSettings, metric_fn) -> Record:
     return sharpness.adaptive_sharpness(
         model,
         loss_fn,
@@ -59,18 +60,19 @@ def _adaptive_sharpness(model, loss_fn, batches, s: MeasureSettings) -> Record:
         norm=s.adaptive_norm,
         m=s.sharpness_m,
         seed=s.seed,
+        metric_fn=metric_fn,
     ).to_record()
 
 
-def _hessian_top(model, loss_fn, batches, s: MeasureSettings) -> Record:
+def _hessian_top(model, loss_fn, batches, s: MeasureSettings, metric_fn) -> Record:
     return hessian.top_eigenvalues(model, loss_fn, batches, k=s.hessian_k, seed=s.seed).to_record()
 
 
-def _hessian_trace(model, loss_fn, batches, s: MeasureSettings) -> Record:
+def _hessian_trace(model, loss_fn, batches, s: MeasureSettings, metric_fn) -> Record:
     return hessian.trace(model, loss_fn, batches, seed=s.seed).to_record()
 
 
-def _density(model, loss_fn, batches, s: MeasureSettings) -> Record:
+def _density(model, loss_fn, batches, s: MeasureSettings, metric_fn) -> Record:
     return hessian.slq(model, loss_fn, batches, seed=s.seed).to_record()
 
 
@@ -98,8 +100,10 @@ def measure(
     loss_fn: LossFn,
     batches: Batches,
     settings: MeasureSettings,
+    metric_fn: MetricFn | None = accuracy,
 ) -> list[Record]:
     """Run the named measures; one :class:`~landscape.records.Record` each, exactly what
-    the measurement commands store for the same measure."""
+    the measurement commands store for the same measure. ``metric_fn``: the sharpness
+    measures' error (the Hessian measures need none)."""
     check_names(names)
-    return [MEASURES[name](model, loss_fn, batches, settings) for name in names]
+    return [MEASURES[name](model, loss_fn, batches, settings, metric_fn) for name in names]

@@ -19,6 +19,11 @@ name           model                                                            
 
 \\* for 3x32x32 inputs and 10 classes.
 
+Beyond the zoo, ``name`` may be ``MODULE:CALLABLE``, the researcher's own model: the
+callable is imported (the current directory on ``sys.path``, as ``python -m`` has it) and
+called as ``CALLABLE(**kwargs)``, nothing injected; or ``timm:NAME``,
+``timm.create_model(NAME, pretrained=False, **kwargs)`` (the ``timm`` extra).
+
 Initialisation: convolutions Kaiming-normal (fan-out, ReLU gain; He et al. 2015) with zero
 bias, BatchNorm weight 1 and bias 0, linear layers PyTorch's default. All activations are
 out of place, so models work under ``torch.func`` (``functional_call``, ``jvp(grad(...))``)
@@ -30,17 +35,31 @@ as ``torch.func.replace_all_batch_norm_modules_`` does).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import json
-from collections.abc import Callable, Sequence
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from landscape.utils import UserError
 
-__all__ = ["MODELS", "create_model", "model_names"]
+__all__ = [
+    "MODELS",
+    "check_call",
+    "complete_kwargs",
+    "create_model",
+    "import_callable",
+    "is_user_spec",
+    "model_names",
+    "resolve",
+]
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -358,23 +377,168 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
+TIMM = "timm:"
+_SPEC = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
+
+
+def is_user_spec(name: str) -> bool:
+    """Whether ``name`` is a ``MODULE:CALLABLE`` (not a zoo name, not ``timm:NAME``)."""
+    return ":" in name and not name.startswith(TIMM)
+
+
+def import_callable(spec: str, flag: str = "--model") -> Callable[..., Any]:
+    """The callable ``MODULE:CALLABLE`` names (``CALLABLE`` may be dotted: ``Net.build``).
+
+    The module is imported with the current directory on ``sys.path`` (as ``python -m``
+    has it; removed again afterwards). A malformed spec, a failed import, a missing or
+    non-callable attribute raise a :class:`UserError` naming ``spec``; other exceptions
+    raised while the module runs are the user's code's and propagate.
+    """
+    m = _SPEC.match(spec) if isinstance(spec, str) else None
+    if m is None:
+        raise UserError(f"{flag} {spec!r}: expected MODULE:CALLABLE, e.g. mymodels:build_net")
+    module_name, attr = m.groups()
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{flag} {spec}: cannot import {module_name} ({first}); run from the directory "
+            "that holds it or add that directory to PYTHONPATH"
+        ) from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"{flag} {spec}: module {module_name} has no attribute {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"{flag} {spec}: {attr} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _timm(name: str) -> Callable[..., nn.Module]:
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError(
+            f"--model timm:{name} needs timm, which does not import ({e}); install the "
+            "extra: pip install 'landscape[timm]'"
+        ) from None
+    if not timm.is_model(name):
+        raise UserError(f"--model timm:{name}: timm has no model {name!r}")
+
+    def build(**kw: Any) -> nn.Module:
+        return timm.create_model(name, pretrained=False, **kw)
+
+    return build
+
+
+def resolve(name: str) -> Callable[..., nn.Module]:
+    """What builds model ``name``: a zoo builder, ``timm:NAME`` or ``MODULE:CALLABLE``
+    (imported here, so a bad name fails before any work). :class:`UserError` if unknown."""
+    if not isinstance(name, str):
+        raise UserError(f"a model name is a string, got {name!r}")
+    if name.startswith(TIMM):
+        return _timm(name[len(TIMM) :])
+    if is_user_spec(name):
+        return import_callable(name)
+    if name not in MODELS:
+        raise UserError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, "
+            "or MODULE:CALLABLE (your own), or timm:NAME"
+        )
+    return MODELS[name]
+
+
+def complete_kwargs(
+    name: str,
+    kwargs: Mapping[str, Any],
+    num_classes: int | None = None,
+    image_shape: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """``kwargs`` completed from the dataset, as a checkpoint records them: a zoo model's
+    ``num_classes``, ``in_channels`` and ``image_size`` (``image_shape`` = ``(C, H, W)``),
+    ``timm:NAME``'s ``num_classes`` and ``in_chans``; a ``MODULE:CALLABLE``'s exactly
+    ``kwargs``. Values in ``kwargs`` win."""
+    kw = dict(kwargs)
+    if is_user_spec(name):
+        return kw
+    channels = image_shape[0] if image_shape else None
+    if name.startswith(TIMM):
+        defaults = {"num_classes": num_classes, "in_chans": channels}
+    else:
+        if image_shape is None and not {"in_channels", "image_size"} <= set(kw):
+            raise UserError(
+                f"model {name!r} takes images (N, C, H, W); for other inputs use "
+                "--model MODULE:CALLABLE"
+            )
+        size = image_shape[1] if image_shape else None
+        defaults = {"num_classes": num_classes, "in_channels": channels, "image_size": size}
+    for k, v in defaults.items():
+        if v is not None:
+            kw.setdefault(k, v)
+    return kw
+
+
+def check_call(fn: Callable[..., Any], kw: Mapping[str, Any], spec: str) -> None:
+    """A :class:`UserError` if ``fn(**kw)`` does not fit ``fn``'s signature (before the
+    call, so a TypeError raised inside the user's code still propagates)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to check (some builtins)
+        return
+    try:
+        signature.bind(**kw)
+    except TypeError as e:
+        raise UserError(f"{spec} cannot be called with options {dict(kw)}: {e}") from None
+
+
 def _accepted(builder: Callable[..., nn.Module]) -> list[str]:
     params = inspect.signature(builder).parameters.values()
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 def create_model(
-    name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kw: object
+    name: str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    image_size: int | None = None,
+    **kw: Any,
 ) -> nn.Module:
-    """Build model ``name`` for ``in_channels`` x ``image_size`` x ``image_size`` inputs.
+    """Build model ``name``: a zoo model for ``in_channels`` x ``image_size`` x
+    ``image_size`` inputs (defaults 10 classes, 3 x 32 x 32), ``timm:NAME`` or the user's
+    ``MODULE:CALLABLE``, called with ``kw`` (and whichever of ``num_classes``,
+    ``in_channels``, ``image_size`` are given) and nothing else.
 
-    ``kw`` are the model's own options (see :data:`MODELS`); they must be JSON-serializable.
-    Weights come from torch's global RNG, so ``torch.manual_seed`` makes them reproducible.
-    Raises :class:`~landscape.utils.UserError` for an unknown name or bad arguments.
+    ``kw`` are the model's own options (see :data:`MODELS`); they must be JSON-serializable
+    (checkpoints store them). Weights come from torch's global RNG, so
+    ``torch.manual_seed`` makes them reproducible. Raises
+    :class:`~landscape.utils.UserError` for an unknown name or bad arguments; exceptions
+    raised by the user's callable propagate.
     """
-    if not isinstance(name, str) or name not in MODELS:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    builder = MODELS[name]
+    builder = resolve(name)
+    named = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    try:
+        json.dumps({**named, **kw}, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model options must be JSON-serializable: {e}") from None
+    if name not in MODELS:
+        kw = {**{k: v for k, v in named.items() if v is not None}, **kw}
+        check_call(builder, kw, f"--model {name}")
+        model = builder(**kw)
+        if not isinstance(model, nn.Module):
+            raise UserError(
+                f"--model {name} returned an object of type {type(model).__name__}, not a "
+                "torch.nn.Module"
+            )
+        return model
     accepted = _accepted(builder)
     unknown = sorted(set(kw) - set(accepted))
     if unknown:
@@ -382,14 +546,10 @@ def create_model(
         raise UserError(
             f"model {name!r} got unknown option(s) {', '.join(unknown)}; it accepts: {ok}"
         )
-    try:
-        json.dumps(kw, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"model options must be JSON-serializable: {e}") from None
     model = builder(
-        _pos_int("num_classes", num_classes),
-        _pos_int("in_channels", in_channels),
-        _pos_int("image_size", image_size),
+        _pos_int("num_classes", 10 if num_classes is None else num_classes),
+        _pos_int("in_channels", 3 if in_channels is None else in_channels),
+        _pos_int("image_size", 32 if image_size is None else image_size),
         **kw,
     )
     return _init(model)

@@ -3,8 +3,12 @@
 Both measures cut the data, in iteration order, into disjoint chunks of ``m`` consecutive
 samples (a chunk may span batch boundaries; the last one may be smaller), measure each
 chunk ``c`` on its own mean loss ``L_c`` and report the sample-weighted mean over chunks,
-``sum_c |c| / N * (L_c(w + delta_c) - L_c(w))``. The 0-1 error increase comes from the
-same forward passes.
+``sum_c |c| / N * (L_c(w + delta_c) - L_c(w))``. Batches are ``(inputs, targets)`` with
+inputs of any structure (a tensor, a tuple/list or a mapping: :func:`landscape.utils.forward`);
+a chunk takes rows of every tensor in them. The error increase comes from the same forward
+passes, by ``metric_fn`` (default: accuracy per target element, so ``1 - hits / counted``
+over the counted elements, e.g. tokens not ignored); without a metric (a regression) the
+error fields are ``None``.
 
 - :func:`m_sharpness`: one SAM ascent step per chunk (Foret et al., ICLR 2021), plain or
   adaptive (Kwon et al., ICML 2021; Andriushchenko et al., ICML 2023 with ``eta = 0``).
@@ -15,13 +19,16 @@ same forward passes.
 Only parameters with ``requires_grad`` are perturbed. In eval mode (the default) a chunk
 is evaluated piece by piece as its batches deliver it (memory bounded by the batch
 size); with ``train_mode=True`` each chunk is one forward pass, so BatchNorm normalises
-with the chunk's statistics, as in the papers' data-parallel definition (dropout, if any,
-is then active too and draws from the global RNG).
+with the chunk's statistics, as in the papers' data-parallel definition. Dropout, if any,
+is then active too: before every pass over a chunk the RNG (a fork, so the caller's is left
+untouched) is reseeded from ``(seed, chunk)``, so all passes over a chunk share their
+dropout masks and the measure is reproducible and independent of the number of ranks.
 
 Under ``torch.distributed`` every rank must iterate the same batches; chunks are dealt out
 round-robin and the sums all-reduced, so every rank returns the single-process result
 (random draws are seeded per chunk, so they do not depend on the number of ranks). Pass
-the bare module, not a DistributedDataParallel wrapper (a wrapper is unwrapped).
+the bare module, not a DistributedDataParallel wrapper (a wrapper is unwrapped, as is
+``torch.compile``'s: the original module is measured, nothing is compiled).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +49,17 @@ from .optim.functional import ascent_direction, global_norm
 from .records import LOSS, PERCENT, Record
 from .utils import (
     Batches,
+    Inputs,
     LossFn,
+    MetricFn,
     UserError,
     accuracy,
+    batch_len,
+    forward,
     model_device,
     preserved,
+    seed_rng,
+    take,
     to_device,
     trainable,
 )
@@ -59,7 +72,9 @@ MOMENTUM = 0.75  # alpha: weight of the new gradient step against the previous m
 MIN_UPDATE_RATIO = 0.75  # halve the step if fewer steps than this fraction raised the loss
 FIRST_STEP = 2.0  # initial step size, in units of rho
 
-Pieces = list[tuple[Tensor, Tensor]]
+Pieces = list[tuple[Inputs, Tensor]]
+# independent random streams per (seed, chunk): the noise draws, the dropout masks
+NOISE, DROPOUT = 0, 1
 
 
 @dataclass(frozen=True)
@@ -68,8 +83,9 @@ class SharpnessResult:
 
     Attributes:
         value: mean loss increase ``sum_c |c|/N (L_c(w + delta_c) - L_c(w))``.
-        error_increase: the same for the 0-1 error (a fraction), from the same passes.
-        loss, error: clean loss and 0-1 error over the data.
+        error_increase: the increase of the error (a fraction of the counted target
+            elements), from the same passes; ``None`` without a metric.
+        loss, error: clean loss and error over the data (``error`` ``None`` without a metric).
         stderr: standard error of ``value`` (average case only, else ``None``).
         n_samples, n_chunks: number of data samples ``N`` and of chunks.
         settings: everything that defines the number (JSON-serialisable, no ``None``).
@@ -78,9 +94,9 @@ class SharpnessResult:
     """
 
     value: float
-    error_increase: float
+    error_increase: float | None
     loss: float
-    error: float
+    error: float | None
     stderr: float | None
     n_samples: int
     n_chunks: int
@@ -92,10 +108,13 @@ class SharpnessResult:
 
     def to_record(self) -> Record:
         """``m_sharpness`` (or ``adaptive_sharpness``), ``<name>_error`` (the error increase,
-        in percent), ``<name>_stderr`` (average case); settings: :attr:`settings`."""
+        in percent; not without a metric), ``<name>_stderr`` (average case); settings:
+        :attr:`settings`."""
         name = "m_sharpness" if self.settings["kind"] == "m-sharpness" else "adaptive_sharpness"
-        values: dict[str, float] = {name: self.value, f"{name}_error": 100 * self.error_increase}
-        units = {name: LOSS, f"{name}_error": PERCENT}
+        values: dict[str, float] = {name: self.value}
+        units = {name: LOSS}
+        if self.error_increase is not None:
+            values[f"{name}_error"], units[f"{name}_error"] = 100 * self.error_increase, PERCENT
         if self.stderr is not None:
             values[f"{name}_stderr"], units[f"{name}_stderr"] = self.stderr, LOSS
         return Record(values, units, self.settings)
@@ -114,6 +133,9 @@ def m_sharpness(
     eta: float = 0.0,
     train_mode: bool = False,
     progress: bool = False,
+    *,
+    seed: int = 0,
+    metric_fn: MetricFn | None = accuracy,
 ) -> SharpnessResult:
     """m-sharpness (Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
     Generalization", ICLR 2021, Sec. 4.1): the loss increase after one SAM ascent step
@@ -124,11 +146,14 @@ def m_sharpness(
     et al., ICML 2021; ``eta = 0`` is the adaptive m-sharpness of Andriushchenko et al.,
     ICML 2023). The step is computed by the same code as the SAM optimizers'
     (:func:`landscape.optim.functional.ascent_direction`, norm ``+ 1e-12``).
-    Cost: one forward/backward and one forward pass over the data.
+    Cost: one forward/backward and one forward pass over the data. ``seed``: the dropout
+    masks in train mode (see the module's docstring); ``metric_fn``: the error.
     """
     _check_common(rho, m)
     if not eta >= 0:
         raise UserError(f"eta must be >= 0, got {eta}")
+    if not _is_int(seed, 0):
+        raise UserError(f"seed must be an integer >= 0, got {seed!r}")
     settings = {
         "kind": "m-sharpness",
         "rho": float(rho),
@@ -138,22 +163,25 @@ def m_sharpness(
         "eta": float(eta),
         "train_mode": bool(train_mode),
     }
+    if train_mode:  # the seed of the dropout masks: it defines the number in train mode only
+        settings["seed"] = int(seed)
     model = _unwrap(model)
     with preserved(model):
         model.train(train_mode)
         params, w0 = _weights(model)
+        evaluate = functools.partial(_evaluate, model, loss_fn, metric_fn)
 
-        def measure(index: int, pieces: Pieces, size: int) -> Tensor:
-            loss, wrong, grads = _evaluate(model, loss_fn, pieces, size, params)
+        def measure(chunk: _Chunk) -> Tensor:
+            loss, wrong, grads = evaluate(chunk, params)
             d, v = ascent_direction(w0, grads, adaptive, eta)
             scale = rho / (global_norm(v) + 1e-12)
             with torch.no_grad():
                 torch._foreach_add_(params, torch._foreach_mul(d, scale))
-            loss_p, wrong_p, _ = _evaluate(model, loss_fn, pieces, size)
+            loss_p, wrong_p, _ = evaluate(chunk)
             _reset(params, w0)
-            return _row(size, loss, wrong, loss_p - loss, wrong_p - wrong)
+            return _row(chunk, loss, wrong, loss_p - loss, wrong_p - wrong)
 
-        return _run(model, batches, m, train_mode, measure, settings, progress)
+        return _run(model, batches, m, train_mode, seed, measure, settings, progress)
 
 
 def adaptive_sharpness(
@@ -171,6 +199,8 @@ def adaptive_sharpness(
     random_init: bool = False,
     train_mode: bool = False,
     progress: bool = False,
+    *,
+    metric_fn: MetricFn | None = accuracy,
 ) -> SharpnessResult:
     """(Adaptive) worst-case or average-case sharpness of Andriushchenko, Croce, Müller,
     Hein and Flammarion, "A modern look at the relationship between sharpness and
@@ -188,7 +218,7 @@ def adaptive_sharpness(
       ``U[-1, 1]`` (linf) elementwise, over ``n_draws`` draws per chunk (forward passes
       only); ``stderr`` is the standard error of the weighted mean over chunks. Draws come
       from a ``torch.Generator`` seeded per chunk by :func:`chunk_generator`; the global RNG
-      is never used.
+      is never used (except by dropout in train mode, on a fork: see the module).
 
     Entries with ``c = 0`` are never perturbed. Suitable ``rho`` depends strongly on
     ``kind``, ``norm`` and ``adaptive`` (the authors' scripts use e.g. 0.0005-0.008 for
@@ -225,39 +255,38 @@ def adaptive_sharpness(
         params, w0 = _weights(model)
         scale = torch._foreach_abs(w0) if adaptive else None
         device = model_device(model)
+        evaluate = functools.partial(_evaluate, model, loss_fn, metric_fn)
 
-        def average(index: int, pieces: Pieces, size: int) -> Tensor:
-            loss, wrong, _ = _evaluate(model, loss_fn, pieces, size)
-            gen = chunk_generator(seed, index, device)
+        def average(chunk: _Chunk) -> Tensor:
+            loss, wrong, _ = evaluate(chunk)
+            gen = chunk_generator(seed, chunk.index, device)
             losses, wrongs = [], []
             for _ in range(n_draws):
                 delta = _draw(gen, w0, norm)
                 torch._foreach_mul_(delta, rho)
                 _place(params, w0, scale, delta)
-                loss_p, wrong_p, _ = _evaluate(model, loss_fn, pieces, size)
+                loss_p, wrong_p, _ = evaluate(chunk)
                 losses.append(loss_p)
                 wrongs.append(wrong_p)
             _reset(params, w0)
             rise = torch.stack(losses) - loss
             more = torch.stack(wrongs) - wrong
-            return _row(size, loss, wrong, rise.mean(), more.mean(), var=rise.var() / n_draws)
+            return _row(chunk, loss, wrong, rise.mean(), more.mean(), var=rise.var() / n_draws)
 
-        def worst(index: int, pieces: Pieces, size: int) -> Tensor:
-            def evaluate(u: list[Tensor] | None, grad: bool) -> tuple[Tensor, Tensor, Any]:
+        def worst(chunk: _Chunk) -> Tensor:
+            def at(u: list[Tensor] | None, grad: bool) -> tuple[Tensor, Tensor, Any]:
                 if u is not None:
                     _place(params, w0, scale, u)
-                return _evaluate(model, loss_fn, pieces, size, params if grad else None)
+                return evaluate(chunk, params if grad else None)
 
-            gen = chunk_generator(seed, index, device) if random_init else None
-            best, best_wrong, best_u, loss, wrong = _apgd(
-                evaluate, w0, adaptive, rho, norm, steps, gen
-            )
+            gen = chunk_generator(seed, chunk.index, device) if random_init else None
+            best, best_wrong, best_u, loss, wrong = _apgd(at, w0, adaptive, rho, norm, steps, gen)
             _reset(params, w0)
             gain = best > loss  # the clean point (u = 0) is a candidate too
             zero = torch.zeros_like(loss)
             u_norm = _norm(best_u, norm).to(loss)
             return _row(
-                size,
+                chunk,
                 loss,
                 wrong,
                 torch.where(gain, best - loss, zero),
@@ -266,15 +295,21 @@ def adaptive_sharpness(
             )
 
         measure = worst if kind == "worst" else average
-        return _run(model, batches, m, train_mode, measure, settings, progress)
+        return _run(model, batches, m, train_mode, seed, measure, settings, progress)
+
+
+def chunk_seed(seed: int, index: int, stream: int = NOISE) -> int:
+    """The seed of chunk ``index``'s random ``stream`` (``NOISE``: the perturbations drawn,
+    ``DROPOUT``: the masks in train mode), from ``numpy.random.SeedSequence([seed, index])``
+    (``[seed, index, stream]`` for other streams), so draws depend on ``(seed, chunk)`` only,
+    not on the rank that processes the chunk."""
+    key = [seed, index] if stream == NOISE else [seed, index, stream]
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
 
 
 def chunk_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The ``torch.Generator`` that draws the noise of chunk ``index``: seeded with
-    ``numpy.random.SeedSequence([seed, index]).generate_state(1, uint64)[0]``, so draws
-    depend on ``(seed, chunk)`` only, not on the rank that processes the chunk."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
+    """The ``torch.Generator`` that draws the noise of chunk ``index`` (:func:`chunk_seed`)."""
+    return torch.Generator(device=device).manual_seed(chunk_seed(seed, index))
 
 
 # -- Auto-PGD --------------------------------------------------------------------------------
@@ -442,9 +477,15 @@ def _check_common(rho: float, m: int) -> None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    """The module to measure inside DistributedDataParallel and ``torch.compile`` wrappers
+    (the same weights; nothing is compiled for the gradients a measure takes)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _weights(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
@@ -486,38 +527,59 @@ def _draw(gen: torch.Generator, like: list[Tensor], norm: str) -> list[Tensor]:
     ]
 
 
+@dataclass
+class _Chunk:
+    """``size`` consecutive samples measured together, as ``pieces`` of ``(inputs, targets)``
+    (one piece in train mode). ``seed``: in train mode, the RNG is reseeded with it before
+    every pass (the same dropout masks in each); ``None`` in eval mode. ``counted``: the
+    metric's counted target elements, set by every pass (the same in each)."""
+
+    index: int
+    pieces: Pieces
+    size: int
+    seed: int | None
+    counted: Tensor | None = None
+
+
 def _evaluate(
     model: nn.Module,
     loss_fn: LossFn,
-    pieces: Pieces,
-    size: int,
+    metric_fn: MetricFn | None,
+    chunk: _Chunk,
     params: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
-    """Chunk mean loss and number of errors (float64, 0-d, on the device) and, given
-    ``params``, the gradient of the chunk loss; the chunk arrives as ``pieces``, each
-    weighted by its share of the chunk."""
-    device = pieces[0][1].device
+    """Chunk mean loss and number of errors (``counted - hits`` of ``metric_fn``; float64,
+    0-d, on the device) and, given ``params``, the gradient of the chunk loss; each piece
+    is weighted by its share of the chunk."""
+    device = model_device(model)
+    if chunk.seed is not None:
+        seed_rng(chunk.seed, device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     wrong = torch.zeros((), dtype=torch.float64, device=device)
+    counted = torch.zeros((), dtype=torch.float64, device=device)
     grads: list[Tensor] | None = None
-    for x, y in pieces:
-        n = y.shape[0]
+    for x, y in chunk.pieces:
+        share = batch_len(y) / chunk.size
         with torch.set_grad_enabled(params is not None):
-            out = model(x)
+            out = forward(model, x)
             piece_loss = loss_fn(out, y)
         if params is not None:
             g = torch.autograd.grad(piece_loss, params, allow_unused=True, materialize_grads=True)
             if grads is None:
-                grads = list(g) if n == size else torch._foreach_mul(g, n / size)
+                grads = list(g) if share == 1 else torch._foreach_mul(g, share)
             else:
-                torch._foreach_add_(grads, g, alpha=n / size)
-        loss += piece_loss.detach().double() * (n / size)
-        wrong += n - accuracy(out.detach(), y)[0]
+                torch._foreach_add_(grads, g, alpha=share)
+        loss += piece_loss.detach().double() * share
+        if metric_fn is not None:
+            hits, count = metric_fn(out.detach(), y)
+            wrong += count - hits
+            counted += count
+    chunk.counted = counted
     return loss, wrong, grads
 
 
 def _row(
-    size: int,
+    chunk: _Chunk,
     loss: Tensor,
     wrong: Tensor,
     rise: Tensor,
@@ -526,8 +588,10 @@ def _row(
     norm: Tensor | None = None,
 ) -> Tensor:
     """Per-chunk sums from the chunk's clean mean loss and errors, its loss ``rise`` and
-    extra errors ``more``: ``[|c| L, errors, |c| rise, more, |c|^2 var(rise), norm]``."""
+    extra errors ``more``: ``[|c| L, errors, |c| rise, more, |c|^2 var(rise), counted,
+    norm]``."""
     zero = torch.zeros_like(loss)
+    size = chunk.size
     return torch.stack(
         [
             loss * size,
@@ -535,22 +599,38 @@ def _row(
             rise * size,
             more,
             zero if var is None else var.to(loss) * size**2,
+            chunk.counted.to(loss),
             zero if norm is None else norm.to(loss),
         ]
     )
 
 
+def _cat(parts: list[Any]) -> Any:
+    """The pieces ``parts`` of one batch joined along dim 0, structure by structure (values
+    that are not tensors are taken from the first)."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        return {k: _cat([p[k] for p in parts]) for k in first}
+    if isinstance(first, tuple | list):
+        return type(first)(_cat(list(vs)) for vs in zip(*parts, strict=True))
+    return first
+
+
 def _chunks(batches: Batches, m: int, tally: list[int]) -> Iterator[tuple[int, Pieces]]:
-    """``(index, pieces)`` for consecutive chunks of ``m`` samples; ``tally`` accumulates
-    ``[samples, chunks]`` over everything iterated (also the chunks other ranks take)."""
+    """``(index, pieces)`` for consecutive chunks of ``m`` samples (rows of every tensor of a
+    batch); ``tally`` accumulates ``[samples, chunks]`` over everything iterated (also the
+    chunks other ranks take)."""
     pieces: Pieces = []
     have = 0
     for x, y in batches:
-        n, start = y.shape[0], 0
+        n, start = batch_len(y), 0
         while start < n:
-            take = min(m - have, n - start)
-            pieces.append((x[start : start + take], y[start : start + take]))
-            have, start = have + take, start + take
+            size = min(m - have, n - start)
+            rows = slice(start, start + size)
+            pieces.append((take(x, rows), take(y, rows)))
+            have, start = have + size, start + size
             if have == m:
                 tally[0] += have
                 tally[1] += 1
@@ -567,7 +647,8 @@ def _run(
     batches: Batches,
     m: int,
     train_mode: bool,
-    measure: Callable[[int, Pieces, int], Tensor],
+    seed: int,
+    measure: Callable[[_Chunk], Tensor],
     settings: dict[str, Any],
     progress: bool,
 ) -> SharpnessResult:
@@ -575,7 +656,7 @@ def _run(
     device = model_device(model)
     rank, world = rank_and_world()
     tally = [0, 0]
-    total = torch.zeros(5, dtype=torch.float64, device=device)
+    total = torch.zeros(6, dtype=torch.float64, device=device)
     top = torch.zeros((), dtype=torch.float64, device=device)
     chunks: Iterable[tuple[int, Pieces]] = my_share(_chunks(batches, m, tally))
     if progress and rank == 0:
@@ -588,24 +669,26 @@ def _run(
         for index, raw in chunks:
             pieces = list(to_device(raw, device))
             if train_mode and len(pieces) > 1:  # one forward per chunk: BatchNorm sees it whole
-                pieces = [(torch.cat([x for x, _ in pieces]), torch.cat([y for _, y in pieces]))]
-            row = measure(index, pieces, sum(y.shape[0] for _, y in pieces))
-            total += row[:5]
-            top = torch.maximum(top, row[5])
+                pieces = [(_cat([x for x, _ in pieces]), _cat([y for _, y in pieces]))]
+            size = sum(batch_len(y) for _, y in pieces)
+            dropout = chunk_seed(seed, index, DROPOUT) if train_mode else None
+            row = measure(_Chunk(index, pieces, size, dropout))
+            total += row[:6]
+            top = torch.maximum(top, row[6])
     n, n_chunks = tally
     if n == 0:
         raise UserError("no data: the batches are empty")
     all_reduce_sum([total])
     if rank_and_world()[1] > 1:
         torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-    loss, wrong, dloss, dwrong, var, top_norm = torch.cat([total, top[None]]).tolist()
+    loss, wrong, dloss, dwrong, var, counted, top_norm = torch.cat([total, top[None]]).tolist()
     if not math.isfinite(loss):
         raise UserError("the loss is not finite (NaN or inf) on this data at these weights")
     return SharpnessResult(
         value=dloss / n,
-        error_increase=dwrong / n,
+        error_increase=dwrong / counted if counted else None,
         loss=loss / n,
-        error=wrong / n,
+        error=wrong / counted if counted else None,
         stderr=math.sqrt(var) / n if settings["kind"] == "average" else None,
         n_samples=n,
         n_chunks=n_chunks,

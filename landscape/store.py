@@ -6,11 +6,14 @@ Run file (one per training run, ``<out>/run.h5``)::
                             status, message, and what the trainer adds (label, world_size)
     epoch                   (E,) int, completed epochs 1..E
     train/loss train/acc    (E,)  accuracy in percent
+    val/loss   val/acc      (E,)  only with a validation split (--val-split)
     test/loss  test/acc     (E,)
     lr time_s               (E,)  learning rate at the end of the epoch, epoch wall time
     measure/<name>          (E, ...) NaN where not measured that epoch; attrs: the record's
                             settings and its units
     surface/epoch_NNN       external link to <surfaces>/epoch_NNN.h5 (a surface file, below)
+    val_indices             (V,) int: the training samples held out for validation (indices
+                            into the dataset's full training set), with --val-split
 
 Surface file (``python -m landscape.surface``; each per-epoch surface of a run) and
 surface group, with the dataset names of Li et al.'s loss-landscape tool, so its readers
@@ -28,14 +31,21 @@ Results file (the measurement commands' ``--out``)::
                             (checkpoint, epoch, dataset, split, subset, world_size...)
     measure/<name>          no epoch axis; attrs: the record's settings and its units
 
+Study file (``study report``: ``DIR/study.h5`` of a study directory)::
+
+    /                       attrs: landscape_version, landscape_file="study", name, ...
+    table/<name>/<column>   one dataset per column (numbers float64 or int64, text UTF-8);
+                            attrs of table/<name>: columns (JSON list, the order)
+
 Every dataset has a ``units`` attribute (:mod:`landscape.records`: loss, ``%``, ``1``...).
 
 Writes, crash safety and cost. A file on disk is always complete and readable, also while
 a run goes on (another process may read it) and after a SIGKILL at any point:
 
 - The run file is small (a few numbers per epoch), so each edit (append, status, link) is
-  copy-on-write: a copy that atomically replaces the file. Copying it costs about a
-  millisecond at epoch 500 (about 2 kB per epoch with a density; ``bench/store_write.py``).
+  copy-on-write: a copy (edited in memory, see :func:`editing`) that atomically replaces
+  the file. Copying it costs about a millisecond at epoch 500 (about 2 kB per epoch with
+  a density; ``bench/store_write.py``).
   Appending in place is not an option: growing a dataset rewrites HDF5 metadata, which a
   kill can leave half-written, and SWMR mode cannot add the datasets new measures need.
 - Per-epoch surfaces, the bulk of the data, are not in the run file: each is a surface file
@@ -64,14 +74,15 @@ Power loss (no fsync) is outside these guarantees.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import h5py
 import numpy as np
@@ -93,20 +104,34 @@ __all__ = [
     "read_results",
     "read_run",
     "read_surface",
+    "read_table",
     "surface_file",
     "surface_group",
+    "write_errors",
     "write_results",
     "write_surface",
     "write_surface_points",
+    "write_table",
 ]
 
 EPOCH = "epoch"
-PER_EPOCH = ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "time_s")
+PER_EPOCH = (
+    "train/loss",
+    "train/acc",
+    "val/loss",
+    "val/acc",
+    "test/loss",
+    "test/acc",
+    "lr",
+    "time_s",
+)
 #: ``units`` of the per-epoch datasets of a run file.
 METRIC_UNITS = {
     EPOCH: "epoch",
     "train/loss": LOSS,
     "train/acc": PERCENT,
+    "val/loss": LOSS,
+    "val/acc": PERCENT,
     "test/loss": LOSS,
     "test/acc": PERCENT,
     "lr": ONE,
@@ -120,8 +145,15 @@ DIRECTIONS = "directions"
 TRAJECTORY = "trajectory"
 #: Root attribute naming a file's kind, one of :data:`KINDS`.
 KIND = "landscape_file"
-KINDS = ("run", "surface", "results")
-KIND_NAMES = {"run": "training run file", "surface": "surface file", "results": "results file"}
+KINDS = ("run", "surface", "results", "study")
+KIND_NAMES = {
+    "run": "training run file",
+    "surface": "surface file",
+    "results": "results file",
+    "study": "study summary file",
+}
+VAL_INDICES = "val_indices"
+TABLE = "table"
 #: Provenance keys that identify the checkpoint a results file measures (``epoch``: the
 #: checkpoint's), and those that define the data its measures were taken on: results
 #: added to a file must agree with it on these. Other keys (``config``, ``world_size``...)
@@ -151,7 +183,7 @@ def surface_file(run: str | Path, epoch: int) -> Path:
 # -- writing -----------------------------------------------------------------------------
 
 
-def _remove_stale_copies(path: Path) -> None:
+def remove_stale_copies(path: Path) -> None:
     """Delete temporary copies of ``path`` left by processes that died mid-edit."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 : -4]
@@ -164,25 +196,83 @@ def _remove_stale_copies(path: Path) -> None:
                 pass  # alive, another user's
 
 
+def lock(path: str | Path, busy: str) -> TextIO:
+    """Take an exclusive lock through the file ``path`` (``fcntl.flock``; the file holds
+    the pid) and return its open handle: :func:`unlock` releases it, and the system does
+    when the process dies, so a killed writer leaves no stale lock. A :class:`UserError`
+    ``"<busy> (pid N); ..."`` while another process holds it."""
+    path = Path(path)
+    while True:
+        fh = open(path, "a+")  # noqa: SIM115 (held until unlock)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            pid = fh.read().strip() or "?"
+            fh.close()
+            raise UserError(
+                f"{busy} (pid {pid}); wait for it to end or use another --out"
+            ) from None
+        try:  # a holder that let go meanwhile unlinked the file: lock the one there now
+            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    fh.truncate(0)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def unlock(fh: TextIO) -> None:
+    """Release a :func:`lock` and remove its file."""
+    Path(fh.name).unlink(missing_ok=True)
+    fh.close()
+
+
 @contextlib.contextmanager
 def editing(path: str | Path, create: bool = False, fresh: bool = False) -> Iterator[h5py.File]:
-    """Open ``path`` for writing on a temporary file that atomically replaces it on
-    success: a copy of it (``fresh=False``) or a new, empty file (``fresh=True``).
-    ``create``: start from an empty file if ``path`` does not exist."""
+    """Open ``path`` for writing on a copy of it (``fresh=False``) or a new, empty file
+    (``fresh=True``) that atomically replaces it on success. ``create``: start from an
+    empty file if ``path`` does not exist.
+
+    HDF5 edits the file in memory, and Python writes it to a temporary file beside
+    ``path`` that is renamed: a failed write (a full disk) is one ``OSError`` naming
+    ``path``, the old file intact. (HDF5 writing to a full disk itself leaves a file it
+    cannot close, and h5py then crashes the process at exit.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_copies(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.exists() and not fresh:
-        shutil.copyfile(path, tmp)
-    elif not (create or fresh):
+    remove_stale_copies(path)
+    if not (path.exists() or create or fresh):
         raise UserError(f"no such file: {path}")
+    image = io.BytesIO(path.read_bytes() if path.exists() and not fresh else b"")
+    with h5py.File(image, "a" if image.getbuffer().nbytes else "w") as f:
+        yield f
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "a" if tmp.exists() else "w") as f:
-            yield f
+        with write_errors(path), open(tmp, "wb") as fh:
+            fh.write(image.getbuffer())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """A failed write as one ``OSError`` naming ``path`` (e.g. ``No space left on device``),
+    found behind what the writer raised: h5py's ``OSError`` of many lines, torch.save's
+    ``RuntimeError`` ("unexpected pos ...") around the ``OSError`` of the file it writes.
+    Errors with no ``OSError`` behind them pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        cause: BaseException | None = e
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, os.strerror(cause.errno), str(path)) from e
 
 
 def _attr_value(value: Any) -> Any:
@@ -260,10 +350,12 @@ class RunLog:
         path: str | Path,
         config: Mapping[str, Any],
         attrs: Mapping[str, Any] | None = None,
+        val_indices: Sequence[int] | np.ndarray | None = None,
     ) -> RunLog:
         """A new, empty run file (replacing an existing one and its surface files).
         ``attrs``: extra root attributes, e.g. ``label`` ("sam (adam)", what figures call
-        the run) and ``world_size``."""
+        the run) and ``world_size``; ``val_indices``: the training samples held out for
+        validation (stored as ``val_indices``)."""
         path = Path(path)
         clash = set(attrs or {}) & set(_RUN_ATTRS)
         if clash:
@@ -280,6 +372,9 @@ class RunLog:
             _set_attrs(f, attrs or {})
             f.create_dataset(EPOCH, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=True)
             f[EPOCH].attrs["units"] = METRIC_UNITS[EPOCH]
+            if val_indices is not None:
+                f[VAL_INDICES] = np.asarray(val_indices, dtype=np.int64)
+                f[VAL_INDICES].attrs["units"] = ONE
         return log
 
     def append(
@@ -334,7 +429,7 @@ class RunLog:
         with editing(self.path) as f:
             keep = int(np.sum(f[EPOCH][:] <= epochs))
             for name in _datasets(f):
-                if not name.startswith(SURFACE + "/"):
+                if not name.startswith(SURFACE + "/") and name != VAL_INDICES:
                     f[name].resize(keep, axis=0)
             if SURFACE in f:
                 for g in list(f[SURFACE]):
@@ -435,10 +530,13 @@ def _open(path: str | Path) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such file: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not an HDF5 file")
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        raise UserError(f"cannot read {path} as HDF5: {e}") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read {path} as HDF5: {first}") from None
 
 
 def _decode(value: Any) -> Any:
@@ -453,9 +551,10 @@ def _decode(value: Any) -> Any:
 
 
 def file_kind(path: str | Path) -> str:
-    """``"run"``, ``"surface"`` or ``"results"``: what a landscape file holds (by its
-    ``landscape_file`` attribute, or by its datasets for older files and loss-landscape's
-    surfaces). A :class:`UserError` for a missing, non-HDF5 or unrelated file."""
+    """``"run"``, ``"surface"``, ``"results"`` or ``"study"``: what a landscape file holds
+    (by its ``landscape_file`` attribute, or by its datasets for older files and
+    loss-landscape's surfaces). A :class:`UserError` for a missing, non-HDF5 or unrelated
+    file."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no such file: {p}")
@@ -491,6 +590,7 @@ class Run:
     surfaces: dict[int, str] = field(default_factory=dict)  # epoch -> group name
     label: str = ""
     attrs: dict[str, Any] = field(default_factory=dict)
+    val_indices: np.ndarray | None = None  # held out of the training set for validation
 
 
 def _file_label(path: Path) -> str:
@@ -503,7 +603,10 @@ def read_run(path: str | Path) -> Run:
     with _open(path) as f:
         if EPOCH not in f or "config" not in f.attrs:
             raise UserError(f"{path} is not a landscape run file (no '{EPOCH}' dataset)")
-        config = json.loads(f.attrs["config"])
+        config = _decode(f.attrs["config"])
+        if not isinstance(config, dict):
+            raise UserError(f"{path} is damaged: its 'config' attribute is not a JSON object")
+        n = len(_per_epoch(path, f, EPOCH, None))
         extra = {k: _decode(v) for k, v in f.attrs.items() if k not in _RUN_ATTRS}
         label = extra.pop("label", None) or config.get("optimizer") or _file_label(Path(path))
         run = Run(
@@ -511,19 +614,35 @@ def read_run(path: str | Path) -> Run:
             config=config,
             status=str(f.attrs.get("status", "")),
             message=str(f.attrs.get("message", "")),
-            epoch=f[EPOCH][:],
+            epoch=_per_epoch(path, f, EPOCH, n),
             label=str(label),
             attrs=extra,
         )
         for name in PER_EPOCH:
             if name in f:
-                run.metrics[name] = f[name][:]
+                run.metrics[name] = _per_epoch(path, f, name, n)
         for name, ds in f[MEASURE].items() if MEASURE in f else []:
-            run.measures[name] = ds[:]
+            run.measures[name] = _per_epoch(path, f, f"{MEASURE}/{name}", n)
             run.measure_attrs[name] = {k: _decode(v) for k, v in ds.attrs.items()}
         for g in f.get(SURFACE, []):  # names only: links stay unresolved
-            run.surfaces[int(g.split("_")[-1])] = f"{SURFACE}/{g}"
+            m = _EPOCH_GROUP.match(f"{SURFACE}/{g}")
+            if m is None:
+                raise UserError(f"{path} is damaged: {SURFACE}/{g} is not named epoch_NNN")
+            run.surfaces[int(m.group(1))] = f"{SURFACE}/{g}"
+        if VAL_INDICES in f:
+            run.val_indices = f[VAL_INDICES][:]
     return run
+
+
+def _per_epoch(path: str | Path, f: h5py.File, name: str, n: int | None) -> np.ndarray:
+    """The values of the per-epoch dataset ``name``: ``n`` rows (``epoch``: one dimension);
+    a :class:`UserError` naming it in a damaged file."""
+    ds = f.get(name)
+    ok = isinstance(ds, h5py.Dataset) and (ds.ndim == 1 if n is None else ds.shape[:1] == (n,))
+    if not ok:
+        rows = "one dimension" if n is None else f"one row per epoch ({n})"
+        raise UserError(f"{path} is damaged: '{name}' is not a dataset with {rows}")
+    return ds[()]
 
 
 def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
@@ -535,6 +654,67 @@ def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, dic
         values = {n: ds[()] for n, ds in f[MEASURE].items()}
         attrs = {n: {k: _decode(v) for k, v in ds.attrs.items()} for n, ds in f[MEASURE].items()}
     return values, attrs
+
+
+# -- tables (study summaries) ---------------------------------------------------------------
+
+
+def write_table(
+    path: str | Path,
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    units: Mapping[str, str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Store ``rows`` (dicts with the same keys) as the table ``table/<name>`` of the
+    study file ``path`` (created, or added to; a table of that name is replaced): one
+    dataset per column, numbers as float64 (int64 if all are integers), other values as
+    text (lists and dicts as JSON). ``units``: column -> unit (default ``1``); ``attrs``:
+    root attributes (e.g. the study's ``name``). A :class:`UserError` for a file of
+    another kind."""
+    path = Path(path)
+    if path.exists():
+        kind = file_kind(path)
+        if kind != "study":
+            raise UserError(f"{path} is a {KIND_NAMES[kind]}, not a study file")
+    columns = list(rows[0]) if rows else []
+    with editing(path, create=True) as f:
+        f.attrs["landscape_version"] = __version__
+        f.attrs[KIND] = "study"
+        _set_attrs(f, attrs or {})
+        tables = f.require_group(TABLE)
+        if name in tables:
+            del tables[name]
+        g = tables.create_group(name)
+        g.attrs["columns"] = json.dumps(columns)
+        for col in columns:
+            g[col] = _column([row[col] for row in rows])
+            g[col].attrs["units"] = (units or {}).get(col, ONE)
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if numeric and all(isinstance(v, int) for v in values):
+        return np.asarray(values, dtype=np.int64)
+    if numeric:
+        return np.asarray(values, dtype=np.float64)
+    text = [v if isinstance(v, str) else json.dumps(v) for v in values]
+    return np.asarray(text, dtype=h5py.string_dtype())
+
+
+def read_table(path: str | Path, name: str) -> list[dict[str, Any]]:
+    """The rows of table ``name`` of a study file written by :func:`write_table` (text
+    cells as ``str``: JSON cells stay JSON)."""
+    with _open(path) as f:
+        g = f.get(f"{TABLE}/{name}")
+        if g is None:
+            raise UserError(f"{path} has no table {name!r}")
+        columns = json.loads(g.attrs["columns"])
+        data = {
+            c: [v.decode() if isinstance(v, bytes) else v.item() for v in g[c][()]] for c in columns
+        }
+    n = len(data[columns[0]]) if columns else 0
+    return [{c: data[c][i] for c in columns} for i in range(n)]
 
 
 # -- surfaces ------------------------------------------------------------------------------
@@ -699,7 +879,7 @@ def write_surface_points(
             raise ValueError(f"{path}:{group} has no {missing}: write the surface first")
         in_place = _writable_in_place(f, g, [*names, DONE])
     if in_place:
-        with h5py.File(path, "r+", locking=False) as f:
+        with write_errors(path), h5py.File(path, "r+", locking=False) as f:
             g = f if _is_root(group) else f[group]
             _fill(g, names, index, values)
             f.flush()  # the values reach the file before they are marked done
@@ -718,12 +898,16 @@ def read_surface(path: str | Path, group: str = "/") -> Surface:
         g = f if _is_root(group) else f[group]
         if "xcoordinates" not in g:
             raise UserError(f"{path}:{group} is not a surface (no 'xcoordinates')")
-        x = g["xcoordinates"][()]
-        y = g["ycoordinates"][()] if "ycoordinates" in g else None
+        x = _grid_array(path, g, "xcoordinates", None)
+        y = _grid_array(path, g, "ycoordinates", None) if "ycoordinates" in g else None
         shape = (len(x),) if y is None else (len(y), len(x))
         # done before the values: a point marked done has its values (written first)
-        done = g[DONE][()] if DONE in g else np.ones(shape, dtype=bool)
-        values = {n: np.where(done, g[n][()], np.nan) for n in SURFACE_ARRAYS if n in g}
+        done = _grid_array(path, g, DONE, shape) if DONE in g else np.ones(shape, dtype=bool)
+        values = {
+            n: np.where(done, _grid_array(path, g, n, shape), np.nan)
+            for n in SURFACE_ARRAYS
+            if n in g
+        }
         surface = Surface(
             x=x,
             y=y,
@@ -741,10 +925,36 @@ def read_surface(path: str | Path, group: str = "/") -> Surface:
             ]
         if TRAJECTORY in g:
             surface.trajectory = g[TRAJECTORY][()]
+            if surface.trajectory.ndim != 2 or surface.trajectory.shape[1] != len(shape):
+                raise UserError(
+                    f"{path}:{group} is damaged: '{TRAJECTORY}' has shape "
+                    f"{surface.trajectory.shape}, not (checkpoints, {len(shape)})"
+                )
             surface.trajectory_attrs = {
                 k: _decode(v) for k, v in g[TRAJECTORY].attrs.items() if k != "units"
             }
     return surface
+
+
+def _grid_array(path: Path, g: h5py.Group, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+    """Dataset ``name`` of a surface: a coordinate vector (``shape`` None) or an array of
+    the grid's ``shape``; a :class:`UserError` naming it in a damaged file. A 2D array in
+    loss-landscape's layout, ``(len(x), len(y))`` holding the values in the C order of
+    ``(len(y), len(x))`` (its ``plot_surface.py`` fills ``ravel()[j * len(x) + i]``),
+    is reshaped to ours."""
+    ds = g.get(name)
+    if not isinstance(ds, h5py.Dataset):
+        raise UserError(f"{path} is damaged: '{name}' is not a dataset")
+    if shape is None:
+        if ds.ndim != 1 or not len(ds):
+            raise UserError(f"{path} is damaged: '{name}' is not a non-empty vector")
+        return ds[()]
+    if ds.shape == shape or (len(shape) == 2 and ds.shape == shape[::-1]):
+        return ds[()].reshape(shape)
+    raise UserError(
+        f"{path} is damaged: '{name}' has shape {ds.shape}, not {shape} "
+        "(len(ycoordinates), len(xcoordinates))"
+    )
 
 
 def _direction_order(name: str) -> tuple[int, str]:

@@ -14,6 +14,10 @@ Evaluation: :func:`evaluate` on a grid, :func:`evaluate_points` on any list of p
 chunked, resumable and distributed entry), :func:`compute` for a complete
 :class:`~landscape.Surface` (the trainer's per-epoch surfaces). 2D arrays have shape
 ``(len(y), len(x))`` with entry ``[j, i]`` at ``(x[i], y[j])``: ``contour(x, y, z)`` is right.
+Batches are ``(inputs, targets)`` with inputs of any structure (:func:`landscape.utils.forward`);
+accuracy is ``metric_fn``'s (default: per target element), none without one (a regression).
+A ``torch.compile`` wrapper is measured (and its directions keyed) through its original
+module: the same weights, nothing compiled.
 
 Speed: the data is put on the model's device once; each point sets the weights with
 ``torch._foreach_*`` ops and evaluates with one host sync. Several points per pass
@@ -30,6 +34,7 @@ all-reduced, so every rank returns the full result. ``python -m landscape.surfac
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +50,11 @@ from .records import Surface
 from .utils import (
     Batches,
     LossFn,
+    MetricFn,
     UserError,
+    accuracy,
     evaluate_batches,
+    forward,
     model_device,
     preserved,
     to_device,
@@ -82,6 +90,11 @@ def _check(ok: Any, message: str) -> None:
         raise UserError(message)
 
 
+def _plain(model: nn.Module) -> nn.Module:
+    """The original module inside a ``torch.compile`` wrapper (the same weights)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _ignore(ignore: str | None) -> str | None:
     _check(ignore in ("biasbn", "none", None), f"ignore must be 'biasbn' or None, got {ignore!r}")
     return None if ignore == "none" else ignore
@@ -101,6 +114,7 @@ def random_directions(
     _check(normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
     ignore = _ignore(ignore)
     gen = torch.Generator().manual_seed(seed)
+    model = _plain(model)
     named = [(k, p.detach()) for k, p in trainable(model)]
     if bn_stats:  # BatchNorm running statistics, not the integer counters
         named += [(k, b) for k, b in model.named_buffers() if b.is_floating_point()]
@@ -156,7 +170,7 @@ def random_direction(
 def _state(src: Source) -> dict[str, Tensor]:
     """The floating-point state of a model, a state_dict or a loader of one."""
     if isinstance(src, nn.Module):
-        state = src.state_dict()
+        state = _plain(src).state_dict()
     elif isinstance(src, Mapping):
         state = src
     elif callable(src):
@@ -244,7 +258,7 @@ def pca_directions(
     _check(n_components in (1, 2), f"n_components must be 1 or 2, got {n_components}")
     ref = _state(final)
     if isinstance(final, nn.Module):
-        names = [n for n, _ in trainable(final)]
+        names = [n for n, _ in trainable(_plain(final))]
     else:
         names = [n for n in ref if not n.endswith(("running_mean", "running_var"))]
     shapes = [ref[n].shape for n in names]
@@ -315,7 +329,7 @@ class _Mover:
 
 
 @torch.no_grad()
-def _recompute_bn(model: nn.Module, data: list[tuple[Tensor, Tensor]], autocast: Any) -> None:
+def _recompute_bn(model: nn.Module, data: list[tuple[Any, Tensor]], autocast: Any) -> None:
     """Re-estimate the running statistics at the current weights: reset them, then a
     cumulative average over ``data`` with only the norm layers in train mode (as
     ``torch.optim.swa_utils.update_bn`` and mode-connectivity papers do, but with dropout
@@ -331,7 +345,7 @@ def _recompute_bn(model: nn.Module, data: list[tuple[Tensor, Tensor]], autocast:
         device = model_device(model)
         for x, _ in data:
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                model(x)
+                forward(model, x)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
@@ -346,10 +360,12 @@ def evaluate_points(
     coords: np.ndarray,
     *,
     bn: str = "eval",
+    metric_fn: MetricFn | None = accuracy,
     autocast_dtype: torch.dtype | None = None,
     progress: bool | tqdm = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Loss and accuracy (in percent, as loss-landscape reports it) at the points ``coords``
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Loss and accuracy (in percent, as loss-landscape reports it; ``metric_fn``'s, ``None``
+    without one, NaN where it counted nothing) at the points ``coords``
     (shape ``(n, len(directions))``) where the model's tensors are ``w0 + sum_k coords[:, k] d_k``.
 
     ``directions``: dicts ``name -> tensor or array``, names of parameters or buffers (missing
@@ -366,6 +382,13 @@ def evaluate_points(
     _check(len(coords) > 0, "no points to evaluate (empty x or y)")
     coords = np.asarray(coords, dtype=np.float64).reshape(len(coords), -1)
     _check(coords.shape[1] == len(directions), "coords need one column per direction")
+    model = _plain(model)
+    biggest = float(np.abs(coords).max())
+    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    _check(
+        math.isfinite(biggest) and all(biggest <= torch.finfo(d).max for d in dtypes),
+        f"coordinates must be finite and fit the model's precision, got {biggest:g}",
+    )
     device = model_device(model)
     data = list(to_device(batches, device))
     mine = list(my_share(range(len(coords))))
@@ -381,13 +404,15 @@ def evaluate_points(
             mover.place(coords[i])
             if bn == "recompute":
                 _recompute_bn(model, data, autocast_dtype)
-            r = evaluate_batches(model, loss_fn, data, autocast_dtype=autocast_dtype)
-            out[0, i], out[1, i] = r.loss, 100 * r.acc
+            r = evaluate_batches(
+                model, loss_fn, data, metric_fn=metric_fn, autocast_dtype=autocast_dtype
+            )
+            out[0, i], out[1, i] = r.loss, math.nan if r.acc is None else 100 * r.acc
             bar.update()
         all_reduce_sum([out])
         bar.update(len(coords) - len(mine))
     loss, acc = out.cpu().numpy()
-    return loss, acc
+    return loss, None if metric_fn is None else acc
 
 
 def grid_points(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
@@ -409,13 +434,14 @@ def evaluate(
     y: np.ndarray | None = None,
     *,
     bn: str = "eval",
+    metric_fn: MetricFn | None = accuracy,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """``{"loss", "acc"}`` (accuracy in percent) on the grid ``x`` (1D, one direction) or ``x``
-    by ``y`` (2D, two directions): arrays of shape ``(len(x),)`` or ``(len(y), len(x))``,
-    entry ``[j, i]`` at ``w0 + x[i] d_x + y[j] d_y``. See :func:`evaluate_points` for the
-    options."""
+    """``{"loss", "acc"}`` (accuracy in percent; no ``"acc"`` when ``metric_fn`` is None) on
+    the grid ``x`` (1D, one direction) or ``x`` by ``y`` (2D, two directions): arrays of
+    shape ``(len(x),)`` or ``(len(y), len(x))``, entry ``[j, i]`` at ``w0 + x[i] d_x + y[j]
+    d_y``. See :func:`evaluate_points` for the options."""
     if isinstance(directions, Mapping):
         directions = [directions]
     _check(
@@ -430,9 +456,12 @@ def evaluate(
         directions,
         grid_points(x, y),
         bn=bn,
+        metric_fn=metric_fn,
         autocast_dtype=autocast_dtype,
         progress=progress,
     )
+    if acc is None:
+        return {"loss": loss.reshape(shape)}
     return {"loss": loss.reshape(shape), "acc": acc.reshape(shape)}
 
 
@@ -444,12 +473,13 @@ def as_arrays(direction: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     }
 
 
-def _blank(x: np.ndarray, y: np.ndarray | None, split: str, **kw: Any) -> Surface:
-    """A surface with every point still to compute (NaN, not done)."""
+def _blank(
+    x: np.ndarray, y: np.ndarray | None, split: str, quantities: Sequence[str], **kw: Any
+) -> Surface:
+    """A surface with every point of ``{split}_{quantity}`` still to compute (NaN, not done)."""
     _check(split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}")
     shape = (len(x),) if y is None else (len(y), len(x))
-    nan = np.full(shape, np.nan)
-    values = {f"{split}_loss": nan, f"{split}_acc": nan.copy()}
+    values = {f"{split}_{q}": np.full(shape, np.nan) for q in quantities}
     return Surface(x=x, y=y, values=values, done=np.zeros(shape, dtype=bool), **kw)
 
 
@@ -466,13 +496,15 @@ def compute(
     bn: str = "eval",
     bn_stats: bool = False,
     split: str = "train",
+    metric_fn: MetricFn | None = accuracy,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> Surface:
     """A complete surface along seeded random directions (:func:`random_directions`), ready
-    for :func:`landscape.store.write_surface`: values ``{split}_loss``/``{split}_acc``, the
-    directions, and every setting in ``attrs``/``direction_attrs``. The same seed gives the
-    same Gaussian draws every epoch (normalised to the current weights)."""
+    for :func:`landscape.store.write_surface`: values ``{split}_loss``/``{split}_acc`` (no
+    ``{split}_acc`` when ``metric_fn`` is None), the directions, and every setting in
+    ``attrs``/``direction_attrs``. The same seed gives the same Gaussian draws every epoch
+    (normalised to the current weights)."""
     x = np.asarray(x, dtype=np.float64)
     y = None if y is None else np.asarray(y, dtype=np.float64)
     settings = {
@@ -482,7 +514,8 @@ def compute(
         "ignore": _ignore(ignore) or "none",
         "bn_stats": bool(bn_stats),
     }
-    surface = _blank(x, y, split, attrs={**settings, "bn": bn, "split": split})
+    quantities = ("loss",) if metric_fn is None else ("loss", "acc")
+    surface = _blank(x, y, split, quantities, attrs={**settings, "bn": bn, "split": split})
     dirs = random_directions(model, 1 if y is None else 2, normalization, ignore, seed, bn_stats)
     values = evaluate(
         model,
@@ -492,6 +525,7 @@ def compute(
         x,
         y,
         bn=bn,
+        metric_fn=metric_fn,
         autocast_dtype=autocast_dtype,
         progress=progress,
     )

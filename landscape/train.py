@@ -19,9 +19,8 @@ rank 0 alone writes the run file and checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import math
-import os
+import re
 import shutil
 import sys
 import time
@@ -35,10 +34,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, cli, measures, optim, store, surface
-from .data import Augment, dataset_names, eval_loader, load_dataset, train_loader
+from . import checkpoint, cli, losses, measures, optim, store, surface
+from .data import Augment, Loader, dataset_names, eval_loader, load_dataset, train_loader
+from .data import resolve as resolve_dataset
 from .distributed import all_reduce_sum, barrier, my_share, rank_and_world
-from .models import create_model, model_names
+from .losses import IGNORE_INDEX, loss_names
+from .models import complete_kwargs, create_model, model_names
+from .models import resolve as resolve_model
 from .store import RunLog, read_run
 from .utils import UserError, evaluate_batches, resolve_device
 
@@ -48,6 +50,9 @@ LOCK = ".lock"
 REPLACED = ".replaced"  # the run an --overwrite replaces, until the new one's first checkpoint
 # Settings that say where and how to run, not what to train: they may change on resume.
 RUNTIME = {"out", "resume", "overwrite", "device", "progress", "data_root", "eval_batch_size"}
+# Where --channels-last applies: it pays off with cuDNN's NHWC kernels. The CPU twin test
+# (tests/test_gpu_paths.py) adds "cpu" to run the branch without a GPU.
+CHANNELS_LAST_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class TrainConfig:
 
     SECTIONS: ClassVar[dict[str, str]] = {
         "dataset": "data",
-        "model": "model",
+        "model": "model and loss",
         "optimizer": "optimizer",
         "rho": "SAM family (each option goes with the methods it names; unset: the paper's)",
         "lr": "optimization",
@@ -70,18 +75,34 @@ class TrainConfig:
     }
 
     # data
-    dataset: str = cli.arg("digits", help="dataset: " + ", ".join(dataset_names()))
+    dataset: str = cli.arg(
+        "digits",
+        help="dataset: "
+        + ", ".join(dataset_names())
+        + ", or MODULE:CALLABLE returning (train, test), your own (README)",
+    )
     data_root: str | None = cli.arg(
         None,
         help="dataset directory (default: $LANDSCAPE_DATA or ~/.cache/landscape); "
         "/usr/share/datasets/<name>/ is searched next, before any download",
     )
     data_kwargs: dict = cli.arg(
-        {}, help="dataset options as JSON, e.g. '{\"n_train\": 4096}' (synthetic)", metavar="JSON"
+        {},
+        help="dataset options as JSON, e.g. '{\"n_train\": 4096}' (synthetic); the keyword "
+        "arguments of a MODULE:CALLABLE",
+        metavar="JSON",
     )
     subset: int | None = cli.arg(None, help="train on a fixed random subset of N training images")
     label_noise: float = cli.arg(
         0.0, help="fraction of training labels replaced by a random other class"
+    )
+    val_split: float = cli.arg(
+        0.0,
+        help="hold out this fraction of the training set for validation (val/loss, val/acc "
+        "per epoch; stratified by class, drawn with --val-seed)",
+    )
+    val_seed: int = cli.arg(
+        0, help="seed of the validation hold-out; independent of --seed, so runs share it"
     )
     augment: str = cli.arg(
         "auto",
@@ -90,10 +111,22 @@ class TrainConfig:
     )
     cutout: int = cli.arg(0, help="Cutout square side in pixels, 0 for none (CIFAR: 16)")
     # model
-    model: str = cli.arg("simplecnn", help="model: " + ", ".join(model_names()))
-    model_kwargs: dict = cli.arg(
-        {}, help="extra model arguments as JSON, e.g. '{\"width\": 8}'", metavar="JSON"
+    model: str = cli.arg(
+        "simplecnn",
+        help="model: "
+        + ", ".join(model_names())
+        + "; MODULE:CALLABLE, your own (called with --model-kwargs only); timm:NAME",
     )
+    model_kwargs: dict = cli.arg(
+        {}, help="model arguments as JSON, e.g. '{\"width\": 8}'", metavar="JSON"
+    )
+    loss: str = cli.arg(
+        "ce",
+        choices=loss_names(),
+        help="ce: cross-entropy, classes on the last dim (also sequences); mse: regression "
+        "(no accuracy); bce: binary/multi-label on logits",
+    )
+    ignore_index: int = cli.arg(-100, help="ce: target value not counted in loss and accuracy")
     # optimization
     optimizer: str = cli.arg("sgd", help="optimizer: " + ", ".join(optim.optimizer_names()))
     base: str = cli.arg(
@@ -182,6 +215,9 @@ class TrainConfig:
         "auto", choices=["auto", "fp32", "bf16"], help="autocast precision; auto: bf16 on CUDA"
     )
     channels_last: bool = cli.arg(True, help="channels-last memory format on CUDA")
+    compile: bool = cli.arg(
+        False, help="torch.compile the training passes (checkpoints and measures: uncompiled)"
+    )
     seed: int = cli.arg(0, help="seed of weights, data order, augmentation and label noise")
     eval_batch_size: int = cli.arg(1024, help="batch size for evaluation")
     out: str | None = cli.arg(
@@ -203,14 +239,19 @@ class TrainConfig:
         for name in ("lr", "epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
+        cli.check_output(self.out_dir, "--out", directory=True)
         checks = [
             (
-                self.dataset in dataset_names(),
-                f"unknown dataset {self.dataset!r}; choose from " + ", ".join(dataset_names()),
+                ":" in self.dataset or self.dataset in dataset_names(),
+                f"unknown dataset {self.dataset!r}; choose from "
+                + ", ".join(dataset_names())
+                + ", or MODULE:CALLABLE (your own)",
             ),
             (
-                self.model in model_names(),
-                f"unknown model {self.model!r}; choose from " + ", ".join(model_names()),
+                ":" in self.model or self.model in model_names(),
+                f"unknown model {self.model!r}; choose from "
+                + ", ".join(model_names())
+                + ", or MODULE:CALLABLE (your own)",
             ),
             (
                 self.optimizer in optim.optimizer_names(),
@@ -218,6 +259,7 @@ class TrainConfig:
                 "choose from " + ", ".join(optim.optimizer_names()),
             ),
             (0 <= self.label_noise < 1, "--label-noise must be in [0, 1)"),
+            (0 <= self.val_split < 1, "--val-split must be in [0, 1)"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
@@ -229,6 +271,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        resolve_dataset(self.dataset)  # imports the user's MODULE:CALLABLE: fails early
+        resolve_model(self.model)
+        if self.loss != "ce" and self.ignore_index != IGNORE_INDEX:
+            raise UserError("--ignore-index goes with --loss ce")
+        losses.create(self.loss, label_smoothing=self.label_smoothing)
         measures.check_names([m for m in self.measure if m not in SURFACES])
         if self.measure_every < 1 or self.hessian_k < 1 or self.sharpness_m < 1:
             raise UserError("--measure-every, --hessian-k and --sharpness-m must be positive")
@@ -249,7 +296,8 @@ class TrainConfig:
 
     @property
     def out_dir(self) -> Path:
-        default = f"runs/{self.dataset}-{self.model}-{self.optimizer}-s{self.seed}"
+        name = f"{self.dataset}-{self.model}-{self.optimizer}-s{self.seed}".replace(":", "_")
+        default = f"runs/{name}"  # MODULE:CALLABLE -> MODULE_CALLABLE
         return Path(self.out or default)
 
 
@@ -360,7 +408,7 @@ class Trainer:
             if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
             else None
         )
-        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        self.channels_last = cfg.channels_last and self.device.type in CHANNELS_LAST_DEVICES
         torch.manual_seed(cfg.seed)
 
         data = load_dataset(
@@ -369,8 +417,11 @@ class Trainer:
             subset=cfg.subset,
             label_noise=cfg.label_noise,
             seed=cfg.seed,
-            **cfg.data_kwargs,
+            val_split=cfg.val_split,
+            val_seed=cfg.val_seed,
+            kwargs=cfg.data_kwargs,
         )
+        self.val_indices = data.val_indices
         augment = Augment.named(
             data.augment if cfg.augment == "auto" else cfg.augment, cutout=cfg.cutout
         )
@@ -380,6 +431,7 @@ class Trainer:
             "std": list(data.std),
             "augment": dataclasses.asdict(augment),
         }
+        self.channels_last = self.channels_last and data.is_image
         data = data.to(self.device)
         self._check_split(len(data.train_y))
         self.train_batches = train_loader(
@@ -392,6 +444,9 @@ class Trainer:
             world_size=self.world_size,
         )
         self.test_batches = eval_loader(data, cfg.eval_batch_size)
+        self.val_batches = (
+            eval_loader(data, cfg.eval_batch_size, split="val") if cfg.val_split else None
+        )
         self.measure_batches = eval_loader(
             data, cfg.eval_batch_size, split="train", subset=cfg.measure_subset, seed=cfg.seed
         )
@@ -403,16 +458,10 @@ class Trainer:
                 f"--batch-size {cfg.batch_size} with --drop-last leaves no training batch"
             )
 
-        self.model_spec = {
-            "name": cfg.model,
-            "kwargs": {
-                "num_classes": data.num_classes,
-                "in_channels": data.in_channels,
-                "image_size": data.image_size,
-                **cfg.model_kwargs,
-            },
-        }
-        self.model = create_model(cfg.model, **self.model_spec["kwargs"]).to(self.device)
+        shape = data.shape if data.is_image else None
+        kwargs = complete_kwargs(cfg.model, cfg.model_kwargs, data.num_classes, shape)
+        self.model_spec = {"name": cfg.model, "kwargs": kwargs}
+        self.model = create_model(cfg.model, **kwargs).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.world_size > 1:
@@ -438,19 +487,25 @@ class Trainer:
                 cfg.gamma,
             ),
         )
-        self.train_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.eval_loss = nn.CrossEntropyLoss()
+        self.loss_spec = {"name": cfg.loss, "label_smoothing": cfg.label_smoothing}
+        if cfg.loss == "ce":
+            self.loss_spec["ignore_index"] = cfg.ignore_index
+        self.train_loss, self.eval_loss, self.metric = losses.create(**self.loss_spec)
         self.epoch = 0
         self.log = RunLog(self.out / RUN_FILE)
         if cfg.resume and (self.out / LAST).exists():  # every rank loads it
             self._restore(checkpoint.read(self.out / LAST, map_location=self.device))
         elif self.main:
             attrs = {"label": run_label(cfg), "world_size": self.world_size}
-            self.log = RunLog.create(self.out / RUN_FILE, cli.to_dict(cfg), attrs=attrs)
+            self.log = RunLog.create(
+                self.out / RUN_FILE, cli.to_dict(cfg), attrs=attrs, val_indices=self.val_indices
+            )
         self.train_model: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:  # the training passes only; self.model stays the plain module
+            self.train_model = torch.compile(self.train_model)
 
     def _check_split(self, n: int) -> None:
         """Refuse a global batch that does not split evenly across the ranks: DDP
@@ -494,16 +549,54 @@ class Trainer:
             if self.main:
                 self.out.mkdir(parents=True, exist_ok=True)
             return cfg
-        stored = checkpoint.read(last)["config"] or {}
+        ckpt = checkpoint.read(last)
+        if ckpt["format"] != checkpoint.FORMAT:  # a state_dict from elsewhere
+            raise UserError(f"--resume: {last} was not written by landscape.train")
+        stored = ckpt["config"] or {}
         given = cli.to_dict(cfg)
         check = explicit if explicit is not None else set(given)
         differ = [k for k in sorted(check - RUNTIME) if k in stored and stored[k] != given[k]]
         if differ:
             diffs = ", ".join(f"{k} (stored {stored[k]!r}, given {given[k]!r})" for k in differ)
             raise UserError(f"--resume continues {self.out} with its stored settings; {diffs}")
+        if self.main:
+            self._check_resumable(ckpt["epoch"], stored.get("save_every", 0))
         merged = {**stored, **{k: given[k] for k in RUNTIME if explicit is None or k in explicit}}
         merged["resume"] = True
         return cli.from_dict(TrainConfig, merged)
+
+    def _check_resumable(self, epoch: int, save_every: int) -> None:
+        """``--resume`` from ``last.pt`` of ``epoch`` (rank 0): the run file must read, and
+        every trajectory checkpoint ``epoch_NNN.pt`` up to ``epoch`` must load. The one of
+        ``epoch`` itself is rewritten from ``last.pt`` when missing or damaged (a kill
+        between the two writes); an earlier one cannot be recreated, so a damaged one is
+        refused, named: moving it away resumes without it."""
+        try:
+            read_run(self.out / RUN_FILE)
+        except UserError as e:
+            raise UserError(
+                f"--resume: {e}; put back a good copy of {RUN_FILE}, or pass --overwrite to "
+                "start the run again"
+            ) from None
+        damaged = []
+        for path in sorted(self.out.glob("epoch_*.pt")):
+            m = re.fullmatch(r"epoch_(\d+)\.pt", path.name)
+            if m and int(m.group(1)) < epoch:
+                try:
+                    checkpoint.verify(path, int(m.group(1)))
+                except UserError as e:
+                    damaged.append(str(e))
+        if damaged:
+            raise UserError(
+                f"--resume: damaged trajectory checkpoints, which cannot be recreated: "
+                f"{'; '.join(damaged)}; move them out of {self.out} to resume without them"
+            )
+        own = self.out / f"epoch_{epoch:03d}.pt"
+        if save_every and epoch and epoch % save_every == 0:
+            try:
+                checkpoint.verify(own, epoch)
+            except UserError:
+                checkpoint.copy(self.out / LAST, own)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["state_dict"])
@@ -520,6 +613,7 @@ class Trainer:
             self.model,
             model_spec=self.model_spec,
             data=self.data_spec,
+            loss=self.loss_spec,
             preprocessing=self.preprocessing,
             config=cli.to_dict(self.cfg),
             epoch=self.epoch,
@@ -543,6 +637,7 @@ class Trainer:
             grid,
             grid if two else None,
             seed=cfg.seed,
+            metric_fn=self.metric,
             autocast_dtype=self.autocast,
         )
         s.directions = []
@@ -569,6 +664,7 @@ class Trainer:
                 self.train_loss,
                 x,
                 y,
+                metric_fn=self.metric,
                 autocast_dtype=self.autocast,
                 grad_clip=self.cfg.grad_clip,
             )
@@ -591,14 +687,16 @@ class Trainer:
         return mean, acc
 
     def _totals(
-        self, loss_sum: torch.Tensor, hits: torch.Tensor, n: int, seen: int
+        self, loss_sum: torch.Tensor, hits: torch.Tensor, n: int, seen: torch.Tensor | int
     ) -> tuple[float, float]:
-        """Mean loss and accuracy (percent) so far over all ranks: one host sync (and
-        under a process group one small all-reduce), so every rank decides alike."""
-        counts = torch.tensor([n, seen], dtype=torch.float64).to(loss_sum.device)
-        sums = torch.cat([loss_sum.view(1), hits.double().view(1), counts])
+        """Mean loss and accuracy (percent; NaN when nothing was counted) so far over all
+        ranks: one host sync (and under a process group one small all-reduce), so every rank
+        decides alike. ``seen``: counted target elements (``Closure.seen``)."""
+        counts = torch.tensor([n], dtype=torch.float64).to(loss_sum.device)
+        seen = torch.as_tensor(seen, device=loss_sum.device).double().view(1)
+        sums = torch.cat([loss_sum.view(1), hits.double().view(1), counts, seen])
         total, hit, n_all, seen_all = all_reduce_sum([sums])[0].tolist()
-        return total / n_all, 100 * hit / seen_all
+        return total / n_all, 100 * hit / seen_all if seen_all else math.nan
 
     def fit(self) -> dict[str, float]:
         """Train to ``cfg.epochs``; returns the last epoch's metrics."""
@@ -612,8 +710,7 @@ class Trainer:
         ``--overwrite`` comes back if the new one wrote no checkpoint; the lock goes."""
         if self._lock is not None:
             self._restore_replaced()
-            (self.out / LOCK).unlink(missing_ok=True)
-            self._lock.close()
+            store.unlock(self._lock)
             self._lock = None
 
     def _run_files(self) -> list[Path]:
@@ -672,16 +769,21 @@ class Trainer:
                     barrier()  # no rank exits before the run is marked
                     raise Diverged(message) from None
                 self._sync_buffers()
-                test_loss, test_acc = self._evaluate()
+                test_loss, test_acc = self._evaluate(self.test_batches)
+                val = None if self.val_batches is None else self._evaluate(self.val_batches)
                 self.epoch += 1
                 metrics = {
                     "train/loss": train_loss,
-                    "train/acc": train_acc,
+                    "train/acc": None if self.metric is None else train_acc,
                     "test/loss": test_loss,
-                    "test/acc": 100 * test_acc,
+                    "test/acc": test_acc,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "time_s": time.perf_counter() - start,
                 }
+                if val is not None:
+                    metrics.update({"val/loss": val[0], "val/acc": val[1]})
+                # no accuracy without a metric (regression): no */acc dataset in run.h5
+                metrics = {k: v for k, v in metrics.items() if v is not None}
                 records = []
                 due = self.epoch % cfg.measure_every == 0 or self.epoch == cfg.epochs
                 names = [m for m in cfg.measure if m not in SURFACES]
@@ -692,6 +794,7 @@ class Trainer:
                         self.eval_loss,
                         self.measure_batches,
                         self.measure_settings,
+                        metric_fn=self.metric,
                     )
                 # Log first, then checkpoint: a kill in between redoes this epoch on resume.
                 if self.main:
@@ -718,21 +821,21 @@ class Trainer:
             for b in self.model.buffers():
                 torch.distributed.broadcast(b, 0)
 
-    def _evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy (a fraction); under a process group each rank takes
-        every ``world_size``-th batch and the sums are all-reduced."""
+    def _evaluate(self, batches: Loader) -> tuple[float, float | None]:
+        """Loss and accuracy (percent; None without a metric) over ``batches`` (test or
+        validation); under a process group each rank takes every ``world_size``-th batch
+        and the sums are all-reduced."""
+        kw = {"metric_fn": self.metric, "autocast_dtype": self.autocast}
         if self.world_size == 1:
-            test = evaluate_batches(
-                self.model, self.eval_loss, self.test_batches, autocast_dtype=self.autocast
-            )
-            return test.loss, test.acc
+            e = evaluate_batches(self.model, self.eval_loss, batches, **kw)
+            return e.loss, None if e.acc is None else 100 * e.acc
         sums = torch.zeros(3, dtype=torch.float64)
-        mine = list(my_share(self.test_batches))
+        mine = list(my_share(batches))
         if mine:
-            e = evaluate_batches(self.model, self.eval_loss, mine, autocast_dtype=self.autocast)
-            sums += torch.tensor([e.loss * e.n, e.acc * e.n, e.n], dtype=torch.float64)
+            e = evaluate_batches(self.model, self.eval_loss, mine, **kw)
+            sums += torch.tensor([e.loss * e.n, (e.acc or 0.0) * e.n, e.n], dtype=torch.float64)
         loss_sum, hits, n = all_reduce_sum([sums.to(self.device)])[0].tolist()
-        return loss_sum / n, hits / n
+        return loss_sum / n, None if self.metric is None else 100 * hits / n
 
 
 SHOWN = ("m_sharpness", "adaptive_sharpness", "hessian_top", "hessian_trace")
@@ -741,11 +844,16 @@ SHOWN = ("m_sharpness", "adaptive_sharpness", "hessian_top", "hessian_trace")
 def format_epoch(
     epoch: int, epochs: int, m: dict[str, float], values: dict[str, Any] | None = None
 ) -> str:
-    """One line per epoch: metrics, then the scalar measures (top eigenvalue first)."""
+    """One line per epoch: metrics (accuracy where there is one), then the scalar
+    measures (top eigenvalue first)."""
+
+    def acc(split: str) -> str:
+        return f" acc {m[f'{split}/acc']:5.1f}%" if f"{split}/acc" in m else ""
+
     line = (
         f"epoch {epoch:>{len(str(epochs))}}/{epochs}  "
-        f"train loss {m['train/loss']:.4f} acc {m['train/acc']:5.1f}%  "
-        f"test loss {m['test/loss']:.4f} acc {m['test/acc']:5.1f}%  "
+        f"train loss {m['train/loss']:.4f}{acc('train')}  "
+        f"test loss {m['test/loss']:.4f}{acc('test')}  "
         f"lr {m['lr']:.3g}  {m['time_s']:.1f}s"
     )
     for name in SHOWN:
@@ -756,25 +864,11 @@ def format_epoch(
 
 
 def _lock(out: Path) -> TextIO:
-    """An exclusive lock on the run directory (``fcntl.flock`` on ``<out>/.lock``, which
-    holds the pid): a second training on the same ``--out`` is refused. The system drops
-    the lock when its process dies, so a killed run leaves no stale lock behind."""
+    """An exclusive lock on the run directory (:func:`store.lock` on ``<out>/.lock``): a
+    second training on the same ``--out`` is refused. The system drops the lock when its
+    process dies, so a killed run leaves no stale lock behind."""
     out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / LOCK, "a+")  # noqa: SIM115 (held until the end of fit)
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        pid = fh.read().strip() or "?"
-        fh.close()
-        raise UserError(
-            f"{out} is in use by another training (pid {pid}); wait for it to end or use "
-            "another --out"
-        ) from None
-    fh.truncate(0)
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
-    return fh
+    return store.lock(out / LOCK, f"{out} is in use by another training")
 
 
 def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:

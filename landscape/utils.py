@@ -55,6 +55,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def seed_rng(seed: int, device: torch.device) -> None:
+    """Seed the global CPU generator and ``device``'s (no other device's)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` pairs of the parameters that require grad, in model order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

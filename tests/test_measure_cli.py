@@ -190,7 +190,7 @@ def test_an_unwritable_out_is_one_line_and_keeps_the_old_file(
 ):
     argv = [str(trained_run / "last.pt"), "--subset", "32", "--no-progress", "--out"]
     (tmp_path / "file").write_text("x")
-    assert run(sharpness, [*argv, str(tmp_path / "file" / "s.json")]) == 1  # not a directory
+    assert run(sharpness, [*argv, str(tmp_path / "file" / "s.json")]) == 2  # checked first
     err = capsys.readouterr().err
     assert str(tmp_path / "file") in err and len(err.strip().splitlines()) == 1
 

@@ -45,6 +45,20 @@ def test_training_loop_notebook(tmp_path, monkeypatch):
     assert run.measures["hessian_top"].shape == (2, 1)
 
 
-@pytest.mark.parametrize("name", ["plotting.ipynb", "training_loop.ipynb"])
+def test_study_notebook(tmp_path, monkeypatch):
+    """A tiny study end to end: 2 optimizers x 2 learning rates x 2 seeds, 2 epochs."""
+    monkeypatch.setenv("LANDSCAPE_OUT", str(tmp_path))
+    monkeypatch.setenv("LANDSCAPE_EPOCHS", "2")
+    nb = execute("study.ipynb")
+    assert images(nb) == 3  # curves, heatmap, correlation
+    from landscape.study import collect, read_study
+
+    outcomes = collect(read_study(tmp_path / "sam-vs-sgd-digits"))
+    assert len(outcomes) == 8 and {o.state for o in outcomes} == {"finished"}
+    assert all(list(o.run.epoch) == [1, 2] for o in outcomes)
+    assert (tmp_path / "sam-vs-sgd-digits" / "figures" / "heatmap_test_acc.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["plotting.ipynb", "training_loop.ipynb", "study.ipynb"])
 def test_committed_notebooks_are_small(name):
     assert (NOTEBOOKS / name).stat().st_size < 1_500_000

@@ -441,7 +441,7 @@ def test_closure_counts_clean_pass_accuracy():
     with torch.no_grad():
         expected = (model(x).argmax(1) == y).sum().item()
     SAM(model.parameters(), torch.optim.SGD, lr=0.1).step(closure)
-    assert (closure.hits.item(), closure.seen) == (expected, 12)
+    assert (closure.hits.item(), closure.seen.item()) == (expected, 12)
 
 
 def test_bf16_autocast_step_is_close_to_fp32():

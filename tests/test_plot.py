@@ -448,7 +448,7 @@ def empty_surface(d):
     [
         (lambda d: d / "missing.h5", "no such file"),
         (text_file, "is not an HDF5 file"),
-        (empty_surface, "has no computed loss or accuracy values"),
+        (empty_surface, "has no computed loss values"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, make, message):
@@ -577,3 +577,17 @@ def test_plot_files_on_files_written_directly(tmp_path):
         "s_train_contour",
         "h_spectrum",
     }
+
+
+def test_surface_1d_of_a_regression_draws_the_loss_alone():
+    """No accuracy (``--loss mse``): the default ``quantity="both"`` draws no empty twin
+    axis."""
+    x = np.linspace(-1, 1, 7)
+    s = Surface(x, None, {"train_loss": x**2, "test_loss": x**2 + 1}, np.ones(7, bool))
+    fig = plot.surface_1d(s)
+    (ax,) = fig.axes
+    assert [ln.get_label() for ln in ax.get_lines() if ln.get_label()[0] != "_"] == [
+        "train loss",
+        "test loss",
+    ]
+    np.testing.assert_array_equal(ax.get_lines()[1].get_ydata(), x**2 + 1)

@@ -14,4 +14,5 @@ COMMANDS = {
     "hessian": "Hessian eigenvalues, trace and density of a checkpoint",
     "surface": "1D/2D loss surface of a checkpoint (random, PCA, interp)",
     "plot": "figures from run, surface and measurement files",
+    "study": "many runs from one spec: train them (run), statistics over seeds (report)",
 }

@@ -13,7 +13,6 @@ methods help most).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,10 +90,8 @@ def run_config(cfg: DemoConfig, spec: str) -> TrainConfig:
 def final_measures(run_dir: Path, cfg: DemoConfig) -> list[Path]:
     """The 2D surface and the spectrum at a run's final weights: ``<run>_surface.h5`` and
     ``<run>_hessian.h5`` in the run's directory (named so that figures don't collide)."""
-    from torch import nn
-
     from .. import hessian, store, surface
-    from .common import load_with_data
+    from .common import load_with_data, losses_of
 
     model, batches, info = load_with_data(
         run_dir / "last.pt",
@@ -102,9 +99,19 @@ def final_measures(run_dir: Path, cfg: DemoConfig) -> list[Path]:
         seed=cfg.seed,
         device=resolve_device(cfg.device),
     )
-    loss_fn = nn.CrossEntropyLoss()
+    losses = losses_of(info)
+    loss_fn = losses.eval
     grid = np.linspace(-1, 1, cfg.surface_points)
-    s = surface.compute(model, loss_fn, batches, grid, grid, seed=cfg.seed, progress=cfg.progress)
+    s = surface.compute(
+        model,
+        loss_fn,
+        batches,
+        grid,
+        grid,
+        seed=cfg.seed,
+        metric_fn=losses.metric,
+        progress=cfg.progress,
+    )
     surface_file, hessian_file = (
         run_dir / f"{run_dir.name}_{k}.h5" for k in ("surface", "hessian")
     )
@@ -134,15 +141,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         configs = [run_config(cfg, spec) for spec in cfg.optimizers]
         for c in configs:
             c.validate()  # every run's settings, before the first one starts
+        figures = Path(cfg.figures or Path(cfg.out) / "figures")
+        cli.check_output(figures, "--figures", directory=True)
         rows, files = [], []
         for spec, c in zip(cfg.optimizers, configs, strict=True):
-            print(f"== {spec}", file=sys.stderr)
+            print(f"== {spec}", flush=True)
             start = time.perf_counter()
             out = train(c)
             seconds = time.perf_counter() - start
             files += [out / "run.h5", *final_measures(out, cfg)]
             rows.append((spec, read_run(out / "run.h5"), seconds))
-        figures = Path(cfg.figures or Path(cfg.out) / "figures")
         written, _ = plot_files(files, figures, ("png",), dpi=150)
         print(table(rows))
         print(f"\nruns in {cfg.out}/, {len(written)} figures in {figures}/")

@@ -11,8 +11,16 @@ from torch import nn
 
 from .. import cli, hessian
 from ..records import Record
-from ..utils import UserError
-from .common import CheckpointData, is_main, process_group, table, write_output
+from ..utils import LossFn, UserError
+from .common import (
+    CheckpointData,
+    check_out,
+    is_main,
+    losses_of,
+    process_group,
+    table,
+    write_output,
+)
 
 PROG = "python -m landscape.hessian"
 
@@ -52,9 +60,10 @@ class HessianConfig(CheckpointData):
                 raise UserError(f"--{flag} must be between {low} and {high}, got {value}")
 
 
-def measure(cfg: HessianConfig, model: nn.Module, batches) -> tuple[list[Record], list]:
+def measure(
+    cfg: HessianConfig, model: nn.Module, batches, loss_fn: LossFn
+) -> tuple[list[Record], list]:
     """The records ``cfg`` asks for and the rows of the printed table."""
-    loss_fn = nn.CrossEntropyLoss()
     common = {"seed": cfg.seed, "train_mode": cfg.train_mode, "progress": cfg.progress}
     mode = "train" if cfg.train_mode else "eval"
     n = getattr(batches, "num_samples", "?")
@@ -85,9 +94,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run() -> int:
         cfg, _ = cli.parse(HessianConfig, argv, PROG)
         cfg.validate()
+        check_out(cfg.out)
         with process_group(cfg.device) as device:
             model, batches, info = cfg.load(device)
-            records, rows = measure(cfg, model, batches)
+            records, rows = measure(cfg, model, batches, losses_of(info).eval)
             if is_main():
                 print(table(rows))
                 if cfg.out:

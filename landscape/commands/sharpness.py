@@ -10,9 +10,18 @@ from dataclasses import dataclass
 from torch import nn
 
 from .. import cli
+from ..losses import Losses
 from ..sharpness import NORMS, SharpnessResult, adaptive_sharpness, m_sharpness
 from ..utils import UserError
-from .common import CheckpointData, is_main, process_group, table, write_output
+from .common import (
+    CheckpointData,
+    check_out,
+    is_main,
+    losses_of,
+    process_group,
+    table,
+    write_output,
+)
 
 PROG = "python -m landscape.sharpness"
 
@@ -37,10 +46,14 @@ class SharpnessConfig(CheckpointData):
     progress: bool = cli.arg(True, help="progress bar")
 
 
-def measure(cfg: SharpnessConfig, model: nn.Module, batches) -> SharpnessResult:
-    """The measurement ``cfg`` describes."""
-    loss_fn = nn.CrossEntropyLoss()
-    common = {"train_mode": cfg.train_mode, "progress": cfg.progress and is_main()}
+def measure(cfg: SharpnessConfig, model: nn.Module, batches, losses: Losses) -> SharpnessResult:
+    """The measurement ``cfg`` describes, with the evaluation loss and metric of ``losses``."""
+    loss_fn = losses.eval
+    common = {
+        "train_mode": cfg.train_mode,
+        "progress": cfg.progress and is_main(),
+        "metric_fn": losses.metric,
+    }
     if not (cfg.worst or cfg.average):
         return m_sharpness(model, loss_fn, batches, cfg.rho, cfg.m, cfg.adaptive, cfg.eta, **common)
     return adaptive_sharpness(
@@ -67,10 +80,13 @@ def report(r: SharpnessResult, cfg: SharpnessConfig) -> str:
     rows = [
         ("measure", f"{name} ({settings})"),
         ("data", f"{cfg.split}, {r.n_samples} samples in {r.n_chunks} chunks of m={cfg.m}"),
-        ("clean loss / error", f"{r.loss:.6g} / {100 * r.error:.2f}%"),
+        ("clean loss / error", f"{r.loss:.6g} / {100 * r.error:.2f}%")
+        if r.error is not None
+        else ("clean loss", f"{r.loss:.6g}"),
         ("loss increase", f"{r.value:.6g}" + (f" +- {r.stderr:.2g}" if r.stderr else "")),
-        ("error increase", f"{100 * r.error_increase:+.2f}%"),
     ]
+    if r.error_increase is not None:
+        rows.append(("error increase", f"{100 * r.error_increase:+.2f}%"))
     if r.perturbation_norm is not None:
         rows.append(("perturbation norm", f"{r.perturbation_norm:.4g} (<= rho)"))
     return table(rows)
@@ -81,9 +97,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg, _ = cli.parse(SharpnessConfig, argv, PROG)
         if cfg.worst and cfg.average:
             raise UserError("--worst and --average exclude each other")
+        check_out(cfg.out)
         with process_group(cfg.device) as device:
             model, batches, info = cfg.load(device)
-            r = measure(cfg, model, batches)
+            r = measure(cfg, model, batches, losses_of(info))
             if is_main():
                 print(report(r, cfg))
                 if cfg.out:

@@ -5,10 +5,11 @@ chunk and rank 0 writes it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,12 @@ from ..surface import (
     random_directions,
 )
 from ..utils import UserError
-from .common import CheckpointData, process_group, table
+from .common import CheckpointData, losses_of, process_group, table
 
 PROG = "python -m landscape.surface"
 DIRECTIONS = ("random", "pca", "interp")
 MAX_POINTS = 10_000_000  # a 3163 x 3163 grid; more is a typo, not a surface
+MAX_COORD = 1e6  # |coordinate|: a step of a million times the direction is a typo
 
 
 @dataclass
@@ -86,8 +88,8 @@ def parse_range(text: str, flag: str = "--x") -> np.ndarray:
         raise UserError(f"{flag} {text!r}: expected START:STOP:NUM, e.g. -1:1:51") from None
     if not (math.isfinite(start) and math.isfinite(stop) and start < stop):
         raise UserError(f"{flag} {text!r}: START must be less than STOP (both finite)")
-    if not math.isfinite(stop - start):
-        raise UserError(f"{flag} {text!r}: the range is too wide")
+    if max(abs(start), abs(stop)) > MAX_COORD:
+        raise UserError(f"{flag} {text!r}: the range is too wide (beyond +-{MAX_COORD:g})")
     if not 2 <= num <= MAX_POINTS:
         raise UserError(f"{flag} {text!r}: NUM must be between 2 and {MAX_POINTS}")
     return np.linspace(start, stop, num)
@@ -180,6 +182,9 @@ def settings_of(
         "bn": cfg.bn,
         "split": cfg.split,
         "subset": cfg.subset,
+        "model_spec": info["model"],
+        "data_spec": info["data"],
+        "loss_spec": info["loss"],
         "batch_size": batch_size if cfg.bn == "recompute" else None,
     }
     return json.loads(json.dumps(settings))
@@ -220,11 +225,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise UserError("--chunk must be >= 1")
         dims = 1 if y is None else 2
         out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, kind, dims)
-        with process_group(cfg.device) as device:
+        cli.check_output(out, "--out")
+        with process_group(cfg.device) as device, locked(out):
             compute(cfg, x, y, kind, source, out, device)
         return 0
 
     cli.run(run, PROG)
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Rank 0 holds an exclusive lock on ``out`` (:func:`store.lock` on ``.<name>.lock``
+    beside it) while it computes the surface: a second command on that file is refused
+    rather than mixing its points in."""
+    if rank_and_world()[0] != 0:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    held = store.lock(
+        out.with_name(f".{out.name}.lock"), f"{out} is being computed by another process"
+    )
+    try:
+        yield
+    finally:
+        store.unlock(held)
 
 
 def compute(
@@ -240,11 +264,12 @@ def compute(
     under torchrun every rank evaluates its share of a chunk and rank 0 writes it."""
     rank, world = rank_and_world()
     model, batches, info = cfg.load(device)
+    losses = losses_of(info)
+    quantities = ("loss",) if losses.metric is None else ("loss", "acc")
     settings = settings_of(cfg, x, y, kind, source, info, model, batches.batch_size)
     fresh = cfg.overwrite or must_start(out, settings)
     barrier()
-    if fresh and rank == 0:
-        out.unlink(missing_ok=True)
+    if fresh and rank == 0:  # write_surface replaces a surface file atomically
         shape = (len(x),) if y is None else (len(y), len(x))
         attrs = {k: v for k, v in settings.items() if v is not None}
         attrs |= cfg.provenance(info, batches)
@@ -252,7 +277,7 @@ def compute(
         surface = Surface(
             x=x,
             y=y,
-            values={f"{cfg.split}_{k}": np.full(shape, np.nan) for k in ("loss", "acc")},
+            values={f"{cfg.split}_{k}": np.full(shape, np.nan) for k in quantities},
             done=np.zeros(shape, dtype=bool),
             attrs=attrs,
             **directions(cfg, kind, source, model, 1 if y is None else 2),
@@ -273,16 +298,19 @@ def compute(
             index = todo[start : start + cfg.chunk * world]
             loss, acc = evaluate_points(
                 model,
-                nn.CrossEntropyLoss(),
+                losses.eval,
                 batches,
                 surface.directions,
                 points[index],
                 bn=cfg.bn,
+                metric_fn=losses.metric,
                 autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
                 progress=bar,
             )
             if rank == 0:
-                values = {f"{cfg.split}_loss": loss, f"{cfg.split}_acc": acc}
+                values = {f"{cfg.split}_loss": loss}
+                if acc is not None:
+                    values[f"{cfg.split}_acc"] = acc
                 store.write_surface_points(out, index, values)
     if rank == 0:
         print(report(out, cfg))

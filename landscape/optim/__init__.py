@@ -80,6 +80,12 @@ def _options(cls: type) -> list[str]:
     return names
 
 
+def options(name: str, base: str = "sgd") -> list[str]:
+    """The keyword options ``create(name, params, base=base, **kw)`` accepts."""
+    base_cls = BASES[name] if name in BASES else BASES[base]
+    return _options(base_cls) + (_options(WRAPPERS[name]) if name in WRAPPERS else [])
+
+
 def create(name: str, params: Iterable[Any], base: str = "sgd", **kw: Any) -> torch.optim.Optimizer:
     """An optimizer by CLI name; SAM-family names wrap the base optimizer ``base``.
 
@@ -91,7 +97,7 @@ def create(name: str, params: Iterable[Any], base: str = "sgd", **kw: Any) -> to
     if base not in BASES:
         raise UserError(f"unknown base optimizer {base!r}; choose from {', '.join(BASES)}")
     base_cls = BASES[name] if name in BASES else BASES[base]
-    valid = _options(base_cls) + (_options(WRAPPERS[name]) if name in WRAPPERS else [])
+    valid = options(name, base)
     unknown = sorted(set(kw) - set(valid))
     if unknown:
         raise UserError(

@@ -1,12 +1,14 @@
 """Figures from landscape's HDF5 files: training curves and per-epoch measures, loss surfaces
-(1D; 2D contour, filled contour, heatmap, 3D; the PCA trajectory), Hessian spectra and
-landscapes over training.
+(1D; 2D contour, filled contour, heatmap, 3D; the PCA trajectory), Hessian spectra,
+landscapes over training, and a study's figures (mean ± std curves per grid point, a heatmap
+over a two-field grid, sharpness against generalization).
 
 Every function takes HDF5 paths or loaded objects (:class:`~landscape.store.Run`,
 :class:`~landscape.store.Surface`) and returns a :class:`matplotlib.figure.Figure`, built
 without pyplot (nothing is shown, no global figure state); :func:`save` writes PNG, PDF or
 SVG. :func:`plot_files` (``python -m landscape.plot FILE.h5 ... --out figures/``) writes
-every figure the files support. Colours come from one fixed optimizer -> colour map (Okabe &
+every figure the files support; ``python -m landscape.plot DIR`` a study's, into
+``DIR/figures/``. Colours come from one fixed optimizer -> colour map (Okabe &
 Ito's colour-blind-safe palette, Tol's muted scheme for the rarer methods), so a method looks
 the same everywhere.
 """
@@ -14,6 +16,7 @@ the same everywhere.
 from .common import OPTIMIZER_COLORS, STYLE, optimizer_style, run_label, save, style
 from .curves import curves, spectrum
 from .files import plot_files, surface_figures
+from .study import study_correlation, study_curves, study_figures, study_heatmap
 from .surfaces import (
     compare_surfaces,
     export_vtp,
@@ -38,6 +41,10 @@ __all__ = [
     "run_label",
     "save",
     "spectrum",
+    "study_correlation",
+    "study_curves",
+    "study_figures",
+    "study_heatmap",
     "style",
     "surface_1d",
     "surface_2d",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import zlib
 from collections.abc import Iterator, Sequence
@@ -148,7 +149,9 @@ def save(
     fig: Figure, path_stem: str | Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 300
 ) -> list[Path]:
     """Write ``fig`` as ``path_stem.<format>`` for each of ``formats`` (png, pdf, svg);
-    returns the paths. PDF/SVG carry no creation date, so reruns give identical files."""
+    returns the paths. PDF/SVG carry no creation date, so reruns give identical files.
+    Each file is written beside its place and renamed: a failed write (a full disk)
+    leaves the previous figure."""
     check_formats(formats)
     stem = Path(path_stem)
     if stem.suffix.lstrip(".") in FORMATS:
@@ -158,8 +161,15 @@ def save(
     for f in formats:
         path = stem.with_name(f"{stem.name}.{f}")
         meta = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(f)
-        with style():  # the backends read fonttype and hashsalt when writing
-            fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.03, metadata=meta)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with style():  # the backends read fonttype and hashsalt when writing
+                fig.savefig(
+                    tmp, format=f, dpi=dpi, bbox_inches="tight", pad_inches=0.03, metadata=meta
+                )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         paths.append(path)
     return paths
 
@@ -178,5 +188,7 @@ def classify(path: str | Path) -> tuple[str, Any]:
     """``(kind, loaded)``: ``("run", Run)``, ``("surface", Surface)`` or ``("results",
     (values, attrs))``; a :class:`UserError` for anything else."""
     kind = file_kind(path)  # a UserError for a missing, non-HDF5 or unrelated file
+    if kind == "study":
+        raise UserError(f"{path} is a study's summary table: plot its directory instead")
     reader = {"run": read_run, "surface": read_surface, "results": read_results}[kind]
     return kind, reader(path)

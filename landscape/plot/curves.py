@@ -85,12 +85,16 @@ def _title(runs: Sequence[Run], name: str, top_k: str) -> str:
     a = next((r.measure_attrs.get(name, {}) for r in runs if name in r.measures), {})
     if a.get("units") == PERCENT:
         label += ", %"
+    settings = ""
     if name.startswith("m_sharpness") and "rho" in a:
-        label += f" (ρ={a['rho']:g}, m={a.get('m', '?')})"
+        settings = f"(ρ={a['rho']:g}, m={a.get('m', '?')})"
     elif name.startswith("adaptive_sharpness") and "rho" in a:
         norm = {"linf": "ℓ∞", "l2": "ℓ2"}.get(a.get("norm"), a.get("norm", ""))
-        label += f" ({a.get('kind', '')}, {norm}, ρ={a['rho']:g})"
-    return label
+        settings = f"({a.get('kind', '')}, {norm}, ρ={a['rho']:g})"
+    if not settings:
+        return label
+    # a second line where one would run into the next panel's title
+    return f"{label}{' ' if len(label) + len(settings) < 32 else chr(10)}{settings}"
 
 
 def log_y(ax: Axes, values: np.ndarray) -> None:

@@ -9,6 +9,7 @@ from ..store import read_surface
 from ..utils import UserError
 from .common import check_formats, classify, run_name, save
 from .curves import curves, spectrum
+from .study import study_figures
 from .surfaces import (
     compare_surfaces,
     export_vtp,
@@ -67,15 +68,22 @@ def plot_files(
     (``curves``), each run's spectrum and landscape over time (``<run>_spectrum``,
     ``<run>_landscape_over_time``, when stored), each surface file's
     :func:`surface_figures`, each results file's spectrum, and with several surface files
-    of one dimension, all of them side by side (``surfaces``). Returns the paths written and
-    notes on what was skipped; a :class:`UserError` if nothing could be drawn."""
+    of one dimension, all of them side by side (``surfaces``); a study directory's
+    :func:`~landscape.plot.study_figures` (into ``out_dir/<directory name>`` when several are
+    given). Returns the paths written and notes on what was skipped (runs left out
+    included); a :class:`UserError` if nothing could be drawn."""
     if not files:
         raise UserError("no files given")
     check_formats(formats)
-    loaded = [(Path(f), *classify(f)) for f in files]
     out = Path(out_dir)
     written: list[Path] = []
     notes: list[str] = []
+    studies = [Path(f) for f in files if Path(f).is_dir()]
+    for d in studies:  # a study directory (a UserError for another directory)
+        w, n = study_figures(d, out if len(studies) == 1 else out / d.name, formats, dpi=dpi)
+        written += w
+        notes += n
+    loaded = [(Path(f), *classify(f)) for f in files if not Path(f).is_dir()]
     runs = [obj for _, kind, obj in loaded if kind == "run"]
     if runs and any(len(r.epoch) for r in runs):
         written += save(curves(runs, log=log, top_k=top_k), out / "curves", formats, dpi)

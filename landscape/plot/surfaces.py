@@ -174,12 +174,15 @@ def surface_1d(
     surface: SurfaceSource, *, quantity: str = "both", log: bool = False, ax: Axes | None = None
 ) -> Figure:
     """A 1D surface: train (solid) and test (dashed) loss vs x, and accuracy on a twin
-    axis (``quantity="both"``; or only ``"loss"`` / ``"acc"``). Uncomputed points are gaps."""
+    axis (``quantity="both"``, the loss alone for a surface without accuracy; or only
+    ``"loss"`` / ``"acc"``). Uncomputed points are gaps."""
     s = load_surface(surface)
     if s.y is not None:
         raise UserError("surface_1d needs a 1D surface; this one is 2D (use surface_2d)")
     if quantity not in ("both", "loss", "acc"):
         raise UserError(f"quantity must be 'both', 'loss' or 'acc', got {quantity!r}")
+    if quantity == "both" and not splits(s, "acc"):  # a regression: no accuracy
+        quantity = "loss"
     quantities = ["loss", "acc"] if quantity == "both" else [quantity]
     if not any(splits(s, q) for q in quantities):
         what = "loss or accuracy" if quantity == "both" else quantity
