@@ -23,7 +23,7 @@ FIGURES := curves surfaces sgd_hessian_spectrum sam_hessian_spectrum
 figures: $(VENV)/.installed
 	$(PY) -m landscape demo --out runs/demo
 	for f in $(FIGURES); do cp runs/demo/figures/$$f.png figures/; done
-	cd notebooks && for nb in plotting.ipynb training_loop.ipynb; do \
+	cd notebooks && for nb in plotting.ipynb training_loop.ipynb study.ipynb; do \
 		../$(PY) -c "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); \
 		nbclient.NotebookClient(nb, timeout=600).execute(); nbformat.write(nb, sys.argv[1])" $$nb; \
 	done
